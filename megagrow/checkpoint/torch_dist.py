@@ -1,0 +1,172 @@
+"""Megatron-LM checkpoints in the torch_dist format, written so a crash never loses one.
+
+Layout (as Megatron-LM): `<dir>/iter_0000100/` holding dist_checkpointing's files (`.metadata`,
+`__R_I.distcp`, `common.pt`, `metadata.json`) and `<dir>/latest_checkpointed_iteration.txt`.
+A save goes to `iter_0000100.tmp/`, is renamed once every rank has finished, and only then is
+the tracker file replaced (atomically). A job killed mid-save leaves the previous checkpoint and
+tracker untouched; the stale `.tmp` directory is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+# Architecture fields a checkpoint must agree on to be loaded into a model (parallelism may differ).
+MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                    "swiglu", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights",
+                    "add_bias_linear")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; printed as one line."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> int | None:
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def check_loadable(root: str, same_as_save: bool = False) -> None:
+    """Fail fast on a --load that is not a checkpoint directory.
+
+    `--load X --save X` on a fresh X is Megatron's requeue pattern: allowed, it starts from scratch.
+    """
+    if same_as_save and (not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))):
+        return
+    if not os.path.isdir(root):
+        raise CheckpointError(f"--load {root}: no such directory")
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise CheckpointError(f"--load {root}: not a checkpoint directory (no {TRACKER})")
+    path = iteration_dir(root, iteration) if iteration else os.path.join(root, "release")
+    if not dist_checkpointing.check_is_distributed_checkpoint(path):
+        raise CheckpointError(f"--load {root}: {path} is not a torch_dist checkpoint")
+
+
+def _rng_state_object() -> ShardedObject:
+    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
+                  parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_data_parallel_world_size())
+    offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+              parallel_state.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, (pp, tp, dp), offset, replica_id=0)
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, is_loading: bool,
+                        with_optimizer: bool = True, with_rng: bool = True) -> dict:
+    model_sd = model.module.sharded_state_dict()
+    state = {"model": model_sd, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+             "args": args, "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0)}
+    if with_optimizer and optimizer is not None:
+        # fully_reshardable: loadable at any TP/PP/DP, with or without the distributed optimizer.
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        state["rng_state"] = _rng_state_object()
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args) -> str:
+    """Save on every rank (collective); returns the final iteration directory."""
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        if os.path.exists(tmp):  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=False)
+    dist_checkpointing.save(state, tmp)
+    torch.distributed.barrier()
+    if rank == 0:
+        if os.path.exists(final):  # re-saving an iteration: keep the old one until the new one is in place
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    torch.distributed.barrier()
+    return final
+
+
+def _check_compatible(saved_args, args, path: str) -> None:
+    for name in MODEL_SHAPE_ARGS:
+        saved, wanted = getattr(saved_args, name, None), getattr(args, name, None)
+        if saved is not None and saved != wanted:
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(f"{path}: checkpoint has {flag} {saved}, this run asks for {wanted}")
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, int]:
+    """Load the tracker's checkpoint into model (and optimizer, scheduler, RNG unless told not to).
+
+    Returns (iteration, consumed_train_samples); (0, 0) when there is nothing to load.
+    """
+    iteration = read_tracker(root)
+    if iteration is None:
+        return 0, 0
+    path = iteration_dir(root, iteration) if iteration else os.path.join(root, "release")
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_args = common.get("args")
+    _check_compatible(saved_args, args, path)
+    same_layout = all(getattr(saved_args, n, None) == getattr(args, n) for n in
+                      ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size"))
+    load_optim = not (args.no_load_optim or args.finetune) and "optimizer" in _saved_keys(common, path)
+    load_rng = not (args.no_load_rng or args.finetune) and same_layout  # RNG streams belong to a layout
+    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=True,
+                                with_optimizer=load_optim, with_rng=load_rng)
+    loaded = dist_checkpointing.load(state, path)
+    model.module.load_state_dict(loaded["model"])
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    if args.finetune:
+        return 0, 0
+    args.num_floating_point_operations_so_far = common.get("num_floating_point_operations_so_far", 0)
+    return iteration, getattr(saved_args, "consumed_train_samples", iteration * saved_args.global_batch_size)
+
+
+def _saved_keys(common: dict, path: str) -> set[str]:
+    # The optimizer lives in the sharded part; its scheduler state marks that it was saved.
+    return {"optimizer"} if "opt_param_scheduler" in common else set()

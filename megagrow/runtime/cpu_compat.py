@@ -1,0 +1,73 @@
+"""Run megatron-core on a machine without CUDA.
+
+megatron-core 0.16 asks for CUDA in a handful of places even when the model lives on the CPU
+(see shared notes, megatron-core-on-cpu.md). This module redirects exactly those, and is applied
+only when CUDA is absent, so a GPU run never goes through it:
+
+- ``torch.cuda.current_device`` / ``synchronize`` / rng entry points -> the CPU device and generator;
+- the model-parallel RNG tracker's private state getters/setters -> the CPU generator;
+- tensors created with ``device="cuda"`` (schedules, p2p, optimizer, clipping) and ``.cuda()``
+  -> stay on the CPU, via a global TorchFunctionMode;
+- ``Tensor.type()`` without arguments reports the CUDA type name, because the distributed optimizer
+  and gradient clipping assert ``torch.cuda.*Tensor`` types.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+_CPU = torch.device("cpu")
+_TENSOR_CUDA, _TENSOR_TYPE, _TENSOR_TO = torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA device arguments to the CPU; answers ``Tensor.type()`` with CUDA names."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _TENSOR_CUDA:
+            return args[0]
+        if func is _TENSOR_TYPE and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = dict(kwargs, device=_CPU)
+        if func is _TENSOR_TO and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+def apply() -> None:
+    """Install the redirections (idempotent). Call before megatron-core builds anything."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    _applied = True
+
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()  # already a copy
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mp_random._get_cuda_rng_state = get_state
+    mp_random._set_cuda_rng_state = set_state
+
+    # A mode pushed outside any `with` stays active for the rest of the process.
+    _CudaToCpuMode().__enter__()

@@ -1,0 +1,194 @@
+"""Command-line arguments: Megatron-LM's flag names, validated before any process group exists.
+
+Only the flags megagrow acts on are defined; each keeps Megatron-LM's name, default and meaning.
+`validate_args` turns every inconsistency into one `ArgumentError` line, so a bad launch fails in
+seconds with a message rather than in a collective minutes later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+class ArgumentError(ValueError):
+    """A user-facing configuration problem; printed as one line, exit code 1."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4*hidden (or 8/3*hidden with --swiglu)")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
+                   help="default: transformer_engine when it is installed and CUDA is present, else local")
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--exit-interval", type=int, default=None, help="stop after this many iterations (for tests and requeue)")
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="default: nccl with CUDA, gloo without")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None, help="prefix, or weight prefix weight prefix ...")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "NullTokenizer"], default=None)
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load weights only; iteration starts at 0")
+
+
+def _add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None,
+                   help="megagrow: append one JSON line per iteration and evaluation (full-precision losses)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="megagrow GPT pre-training (Megatron-LM flags)",
+                                allow_abbrev=False)
+    for add in (_add_model_args, _add_training_args, _add_parallel_args, _add_data_args,
+                _add_checkpoint_args, _add_logging_args):
+        add(p)
+    return p
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ArgumentError(message)
+
+
+def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
+    """Check consistency and fill derived values (Megatron-LM's names). Raises ArgumentError."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, "parallel sizes must be positive")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) parallel size")
+    args.world_size = world_size
+    args.data_parallel_size = world_size // (tp * pp)
+
+    _require(args.hidden_size % args.num_attention_heads == 0,
+             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
+    _require(args.num_attention_heads % tp == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
+    if not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+    _require(args.num_attention_heads % args.num_query_groups == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+             f"--num-query-groups {args.num_query_groups}")
+    _require(args.num_query_groups % tp == 0,
+             f"--num-query-groups {args.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
+    _require(args.num_layers % pp == 0,
+             f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if args.ffn_hidden_size is None:
+        # Megatron-LM's defaults; SwiGLU keeps the parameter count of a 4h GeLU MLP, rounded to 64.
+        args.ffn_hidden_size = (int(4 * args.hidden_size * 2 / 3 / 64) + 1) * 64 if args.swiglu \
+            else 4 * args.hidden_size
+    _require(args.ffn_hidden_size % tp == 0,
+             f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    _require(args.position_embedding_type == "rope" or args.seq_length <= args.max_position_embeddings,
+             f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
+
+    mbs_x_dp = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = mbs_x_dp
+    _require(args.global_batch_size % mbs_x_dp == 0,
+             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+             f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
+    args.num_microbatches = args.global_batch_size // mbs_x_dp
+
+    _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive")
+    _require(args.lr >= args.min_lr, f"--lr {args.lr} is below --min-lr {args.min_lr}")
+    _require(args.ckpt_format == "torch_dist",
+             f"--ckpt-format {args.ckpt_format}: only torch_dist is written by pretrain_gpt.py")
+
+    _require(bool(args.data_path), "--data-path is required")
+    prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
+    for prefix in prefixes:
+        _require(os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx"),
+                 f"data path not found: {prefix} (expected {prefix}.bin and {prefix}.idx)")
+    if args.tokenizer_type is None:
+        args.tokenizer_type = "SentencePieceTokenizer" if args.tokenizer_model else "NullTokenizer"
+    if args.tokenizer_type == "SentencePieceTokenizer":
+        _require(bool(args.tokenizer_model), "--tokenizer-model is required with SentencePieceTokenizer")
+        _require(os.path.isfile(args.tokenizer_model), f"tokenizer model not found: {args.tokenizer_model}")
+    else:
+        _require(args.vocab_size is not None, "--vocab-size is required with NullTokenizer")
+
+    if args.load is not None:
+        from megagrow.checkpoint.torch_dist import check_loadable
+        check_loadable(args.load, same_as_save=args.load == args.save)
+    if args.save_interval is not None:
+        _require(args.save is not None, "--save-interval needs --save")
+    return args
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
+    return validate_args(build_parser().parse_args(argv), world_size)

@@ -1,0 +1,203 @@
+"""The training loop: megatron-core's pipeline schedules, DDP and optimizer, driven from Megatron-LM flags.
+
+One screen per idea: `setup` builds everything for this rank, `train_step` runs one global batch,
+`evaluate` measures validation loss, `pretrain` loops, logs, evaluates and checkpoints.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megagrow.checkpoint.torch_dist import CheckpointError, load_checkpoint, save_checkpoint
+from megagrow.data.loader import build_datasets, microbatches
+from megagrow.model.gpt import build_gpt_model, transformer_config
+from megagrow.model.layout import padded_vocab_size
+from megagrow.runtime.distributed import destroy, initialize_distributed, print_rank_0, set_seeds
+from megagrow.training.arguments import ArgumentError, parse_args
+from megagrow.training.metrics import MetricsLogger
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Token-summed loss, the token count, and what to report (Megatron-LM's three-tuple form)."""
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(output_tensor.view(-1).float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+@dataclass
+class TrainState:
+    args: object
+    model: list  # model chunks, each wrapped in megatron-core DDP
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    datasets: tuple
+    iteration: int = 0
+    consumed_train_samples: int = 0
+
+
+def build_tokenizer(args):
+    from megagrow.data.tokenizer import build_tokenizer as build
+    return build(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+
+
+def setup(args) -> TrainState:
+    initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                           args.distributed_backend)
+    set_seeds(args.seed)
+    tokenizer = build_tokenizer(args)
+    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                               args.tensor_model_parallel_size)
+    config = transformer_config(args)
+    model = build_gpt_model(args, config, tokenizer.vocab_size)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16 or args.fp16,
+                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=config.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer), [model])
+    gbs = args.global_batch_size  # Megatron-LM's scheduler counts samples, not iterations
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant")
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = model.no_sync
+
+    state = TrainState(args, [model], optimizer, scheduler, datasets=())
+    if args.load:
+        state.iteration, state.consumed_train_samples = load_checkpoint(args.load, model, optimizer, scheduler, args)
+        if state.iteration:
+            print_rank_0(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
+    state.datasets = build_datasets(args, tokenizer)
+    return state
+
+
+def _data_iterator(state: TrainState, dataset, first_sample: int):
+    a = state.args
+    return microbatches(dataset, first_sample, a.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                        a.data_parallel_size, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _reduce_loss(losses: list[dict]) -> float | None:
+    """Token-weighted mean over microbatches and data-parallel ranks; None off the last stage."""
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    total = torch.stack([m["lm loss"] for m in losses]).sum(0) if losses else torch.zeros(2)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return (total[0] / total[1]).item()
+
+
+def train_step(state: TrainState, data_iterator) -> tuple[float | None, float | None, bool]:
+    a = state.args
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=state.model,
+        num_microbatches=a.num_microbatches, seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
+        forward_only=False)
+    updated, grad_norm, _ = state.optimizer.step()
+    if updated:
+        state.scheduler.step(increment=a.global_batch_size)
+    return _reduce_loss(losses), grad_norm, updated
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, dataset=None) -> float | None:
+    """Validation loss over --eval-iters global batches, always from the split's first sample."""
+    a = state.args
+    it = _data_iterator(state, dataset if dataset is not None else state.datasets[1], 0)
+    for chunk in state.model:
+        chunk.eval()
+    losses = []
+    for _ in range(a.eval_iters):
+        losses += get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=it, model=state.model,
+            num_microbatches=a.num_microbatches, seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
+            forward_only=True)
+    for chunk in state.model:
+        chunk.train()
+    return _reduce_loss(losses)
+
+
+def _save(state: TrainState) -> None:
+    state.args.consumed_train_samples = state.consumed_train_samples
+    t0 = time.time()
+    path = save_checkpoint(state.args.save, state.iteration, state.model[0], state.optimizer, state.scheduler,
+                           state.args)
+    print_rank_0(f" saved checkpoint {path} in {time.time() - t0:.2f} s")
+
+
+def pretrain(args) -> TrainState:
+    state = setup(args)
+    log = MetricsLogger(args)
+    train_iter = _data_iterator(state, state.datasets[0], state.consumed_train_samples)
+    skipped, saved_at = 0, state.iteration
+    print_rank_0(f" training: {args.train_iters} iterations, global batch {args.global_batch_size} "
+                 f"({args.num_microbatches} microbatches x {args.micro_batch_size} x DP {args.data_parallel_size}), "
+                 f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size}")
+    while state.iteration < args.train_iters:
+        t0 = time.perf_counter()
+        loss, grad_norm, updated = train_step(state, train_iter)
+        step_seconds = time.perf_counter() - t0
+        state.iteration += 1
+        state.consumed_train_samples += args.global_batch_size
+        skipped += not updated
+        if loss is not None:
+            log.training(state.iteration, state.consumed_train_samples, loss, state.scheduler.get_lr(
+                state.optimizer.param_groups[0]), grad_norm, step_seconds, skipped,
+                log_line=state.iteration % args.log_interval == 0)
+        if args.eval_interval and state.iteration % args.eval_interval == 0 and state.iteration < args.train_iters:
+            log.validation(state.iteration, evaluate(state), f"at iteration {state.iteration}")
+        exiting = args.exit_interval and state.iteration % args.exit_interval == 0
+        if args.save and (exiting or (args.save_interval and state.iteration % args.save_interval == 0)):
+            _save(state)
+            saved_at = state.iteration
+        if exiting:
+            print_rank_0(f" exiting at iteration {state.iteration} (--exit-interval)")
+            log.close()
+            return state
+    if args.eval_iters:
+        log.validation(state.iteration, evaluate(state), "at the end of training")
+    if args.save and saved_at != state.iteration:
+        _save(state)
+    log.close()
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+    try:
+        args = parse_args(argv)
+    except (ArgumentError, CheckpointError, FileNotFoundError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        pretrain(args)
+    except CheckpointError as e:
+        print_rank_0(f"error: {e}")
+        sys.exit(1)
+    finally:
+        destroy()
