@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megagrow.training.pretrain import main  # noqa: E402
+from megagrow.training.launch import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,7 @@
+"""megagrow: Megatron-style GPT pre-training on megatron-core, with growth stages."""
+
+import warnings
+
+# megatron-core warns at import that the optional GPU extras are absent; the torch fallbacks it
+# names are what megagrow expects on such machines, so the warnings say nothing actionable.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")

@@ -18,50 +18,13 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
+
 CHECKPOINT_VERSION = 3.0
 # Architecture fields a checkpoint must agree on to be loaded into a model (parallelism may differ).
 MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                     "swiglu", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights",
                     "add_bias_linear")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; printed as one line."""
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_tracker(root: str) -> int | None:
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if text == "release":
-        return 0
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
-
-
-def check_loadable(root: str, same_as_save: bool = False) -> None:
-    """Fail fast on a --load that is not a checkpoint directory.
-
-    `--load X --save X` on a fresh X is Megatron's requeue pattern: allowed, it starts from scratch.
-    """
-    if same_as_save and (not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))):
-        return
-    if not os.path.isdir(root):
-        raise CheckpointError(f"--load {root}: no such directory")
-    iteration = read_tracker(root)
-    if iteration is None:
-        raise CheckpointError(f"--load {root}: not a checkpoint directory (no {TRACKER})")
-    path = iteration_dir(root, iteration) if iteration else os.path.join(root, "release")
-    if not dist_checkpointing.check_is_distributed_checkpoint(path):
-        raise CheckpointError(f"--load {root}: {path} is not a torch_dist checkpoint")
 
 
 def _rng_state_object() -> ShardedObject:
@@ -144,13 +107,14 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, 
     iteration = read_tracker(root)
     if iteration is None:
         return 0, 0
-    path = iteration_dir(root, iteration) if iteration else os.path.join(root, "release")
+    path = iteration_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(path)
     saved_args = common.get("args")
     _check_compatible(saved_args, args, path)
     same_layout = all(getattr(saved_args, n, None) == getattr(args, n) for n in
                       ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size"))
-    load_optim = not (args.no_load_optim or args.finetune) and "optimizer" in _saved_keys(common, path)
+    # The optimizer lives in the sharded part; its scheduler's state in common.pt marks that it was saved.
+    load_optim = not (args.no_load_optim or args.finetune) and "opt_param_scheduler" in common
     load_rng = not (args.no_load_rng or args.finetune) and same_layout  # RNG streams belong to a layout
     state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=True,
                                 with_optimizer=load_optim, with_rng=load_rng)
@@ -166,7 +130,3 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, 
     args.num_floating_point_operations_so_far = common.get("num_floating_point_operations_so_far", 0)
     return iteration, getattr(saved_args, "consumed_train_samples", iteration * saved_args.global_batch_size)
 
-
-def _saved_keys(common: dict, path: str) -> set[str]:
-    # The optimizer lives in the sharded part; its scheduler state marks that it was saved.
-    return {"optimizer"} if "opt_param_scheduler" in common else set()

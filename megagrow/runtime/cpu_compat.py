@@ -14,6 +14,8 @@ only when CUDA is absent, so a GPU run never goes through it:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -66,6 +68,8 @@ def apply() -> None:
     def set_state(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
 
+    # Forking the tracker's "CUDA" stream now swaps the CPU generator, which the tracker reports.
+    logging.getLogger(mp_random.__name__).addFilter(lambda r: "CPU RNG state changed" not in r.getMessage())
     mp_random._get_cuda_rng_state = get_state
     mp_random._set_cuda_rng_state = set_state
 

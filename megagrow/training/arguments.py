@@ -183,7 +183,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         _require(args.vocab_size is not None, "--vocab-size is required with NullTokenizer")
 
     if args.load is not None:
-        from megagrow.checkpoint.torch_dist import check_loadable
+        from megagrow.checkpoint.errors import check_loadable
         check_loadable(args.load, same_as_save=args.load == args.save)
     if args.save_interval is not None:
         _require(args.save is not None, "--save-interval needs --save")

@@ -6,7 +6,6 @@ One screen per idea: `setup` builds everything for this rank, `train_step` runs 
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -18,12 +17,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megagrow.checkpoint.torch_dist import CheckpointError, load_checkpoint, save_checkpoint
+from megagrow.checkpoint.torch_dist import load_checkpoint, save_checkpoint
 from megagrow.data.loader import build_datasets, microbatches
 from megagrow.model.gpt import build_gpt_model, transformer_config
 from megagrow.model.layout import padded_vocab_size
 from megagrow.runtime.distributed import destroy, initialize_distributed, print_rank_0, set_seeds
-from megagrow.training.arguments import ArgumentError, parse_args
 from megagrow.training.metrics import MetricsLogger
 
 
@@ -184,20 +182,3 @@ def pretrain(args) -> TrainState:
         _save(state)
     log.close()
     return state
-
-
-def main(argv: list[str] | None = None) -> None:
-    import os
-    try:
-        args = parse_args(argv)
-    except (ArgumentError, CheckpointError, FileNotFoundError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    try:
-        pretrain(args)
-    except CheckpointError as e:
-        print_rank_0(f"error: {e}")
-        sys.exit(1)
-    finally:
-        destroy()
