@@ -5,3 +5,5 @@ import warnings
 # megatron-core warns at import that the optional GPU extras are absent; the torch fallbacks it
 # names are what megagrow expects on such machines, so the warnings say nothing actionable.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")

@@ -48,6 +48,7 @@ class TrainState:
     datasets: tuple
     iteration: int = 0
     consumed_train_samples: int = 0
+    skipped_iterations: int = 0
 
 
 def build_tokenizer(args):
@@ -147,25 +148,31 @@ def _save(state: TrainState) -> None:
     print_rank_0(f" saved checkpoint {path} in {time.time() - t0:.2f} s")
 
 
+def train_iteration(state: TrainState, train_iter, log: MetricsLogger) -> None:
+    """One iteration of the loop: a global batch, bookkeeping, metrics."""
+    a = state.args
+    t0 = time.perf_counter()
+    loss, grad_norm, updated = train_step(state, train_iter)
+    step_seconds = time.perf_counter() - t0
+    state.iteration += 1
+    state.consumed_train_samples += a.global_batch_size
+    state.skipped_iterations += not updated
+    if loss is not None:
+        lr = state.scheduler.get_lr(state.optimizer.param_groups[0])
+        log.training(state.iteration, state.consumed_train_samples, loss, lr, grad_norm, step_seconds,
+                     state.skipped_iterations, log_line=state.iteration % a.log_interval == 0)
+
+
 def pretrain(args) -> TrainState:
     state = setup(args)
     log = MetricsLogger(args)
     train_iter = _data_iterator(state, state.datasets[0], state.consumed_train_samples)
-    skipped, saved_at = 0, state.iteration
+    saved_at = state.iteration
     print_rank_0(f" training: {args.train_iters} iterations, global batch {args.global_batch_size} "
                  f"({args.num_microbatches} microbatches x {args.micro_batch_size} x DP {args.data_parallel_size}), "
                  f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size}")
     while state.iteration < args.train_iters:
-        t0 = time.perf_counter()
-        loss, grad_norm, updated = train_step(state, train_iter)
-        step_seconds = time.perf_counter() - t0
-        state.iteration += 1
-        state.consumed_train_samples += args.global_batch_size
-        skipped += not updated
-        if loss is not None:
-            log.training(state.iteration, state.consumed_train_samples, loss, state.scheduler.get_lr(
-                state.optimizer.param_groups[0]), grad_norm, step_seconds, skipped,
-                log_line=state.iteration % args.log_interval == 0)
+        train_iteration(state, train_iter, log)
         if args.eval_interval and state.iteration % args.eval_interval == 0 and state.iteration < args.train_iters:
             log.validation(state.iteration, evaluate(state), f"at iteration {state.iteration}")
         exiting = args.exit_interval and state.iteration % args.exit_interval == 0
@@ -174,11 +181,11 @@ def pretrain(args) -> TrainState:
             saved_at = state.iteration
         if exiting:
             print_rank_0(f" exiting at iteration {state.iteration} (--exit-interval)")
-            log.close()
-            return state
-    if args.eval_iters:
-        log.validation(state.iteration, evaluate(state), "at the end of training")
-    if args.save and saved_at != state.iteration:
-        _save(state)
+            break
+    else:
+        if args.eval_iters:
+            log.validation(state.iteration, evaluate(state), "at the end of training")
+        if args.save and saved_at != state.iteration:
+            _save(state)
     log.close()
     return state

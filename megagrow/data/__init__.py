@@ -1,0 +1,1 @@
+"""Data: the embedded stdlib corpus, sentencepiece tokenizers, Megatron indexed datasets."""
