@@ -10,21 +10,23 @@ import json
 import os
 
 
-def _texts(input_jsonl: str, max_sentences: int):
-    """Lines of the corpus' documents, the unit sentencepiece trains on."""
+def _texts(input_jsonl: str, max_sentences: int, lines_per_sentence: int = 8):
+    """Blocks of a few lines of the corpus' documents, newlines kept: code is made of them."""
     n = 0
     with open(input_jsonl) as f:
         for line in f:
-            for text_line in json.loads(line)["text"].splitlines():
-                if text_line.strip():
-                    yield text_line
+            lines = json.loads(line)["text"].splitlines(keepends=True)
+            for i in range(0, len(lines), lines_per_sentence):
+                block = "".join(lines[i:i + lines_per_sentence])
+                if block.strip():
+                    yield block
                     n += 1
                     if n >= max_sentences:
                         return
 
 
 def train_sentencepiece(input_jsonl: str, model_prefix: str, vocab_size: int = 4096,
-                        max_sentences: int = 300_000) -> str:
+                        max_sentences: int = 100_000) -> str:
     """Train a BPE model (byte fallback, so any text encodes) and return the .model path."""
     import sentencepiece as spm
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
@@ -32,7 +34,9 @@ def train_sentencepiece(input_jsonl: str, model_prefix: str, vocab_size: int = 4
         sentence_iterator=_texts(input_jsonl, max_sentences), model_prefix=model_prefix + ".tmp",
         vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, split_digits=True, num_threads=2,
-        max_sentence_length=16384, remove_extra_whitespaces=False, minloglevel=2)
+        max_sentence_length=16384, minloglevel=2,
+        # Code: keep newlines and indentation exactly (the default NFKC rule folds them to spaces).
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
     for ext in (".model", ".vocab"):
         os.replace(model_prefix + ".tmp" + ext, model_prefix + ext)
     return model_prefix + ".model"

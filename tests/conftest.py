@@ -1,0 +1,80 @@
+"""Shared fixtures: a small real corpus, tokenizer and indexed dataset, and a torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_tool(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{argv} failed:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Stdlib corpus (~1.5 MB), a 1024-piece sentencepiece model, and its indexed dataset."""
+    d = tmp_path_factory.mktemp("data")
+    run_tool("tools/prepare_stdlib_corpus.py", "--output", f"{d}/corpus.jsonl", "--max-bytes", "1500000")
+    run_tool("tools/train_tokenizer.py", "--input", f"{d}/corpus.jsonl", "--model-prefix", f"{d}/tok",
+             "--vocab-size", "1024")
+    run_tool("tools/preprocess_data.py", "--input", f"{d}/corpus.jsonl", "--output-prefix", f"{d}/corpus",
+             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", f"{d}/tok.model", "--append-eod")
+    return d
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    metrics: list
+
+    def losses(self, kind: str = "train") -> dict[int, float]:
+        return {r["iteration"]: r["lm loss"] for r in self.metrics if r["kind"] == kind}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_args(data_dir, **overrides) -> list[str]:
+    """A Llama-style tiny model on the test corpus; overrides replace flags (value None drops one)."""
+    flags = {
+        "--num-layers": "4", "--hidden-size": "64", "--num-attention-heads": "4", "--group-query-attention": "",
+        "--num-query-groups": "2", "--swiglu": "", "--normalization": "RMSNorm", "--position-embedding-type": "rope",
+        "--untie-embeddings-and-output-weights": "", "--seq-length": "64", "--micro-batch-size": "2",
+        "--global-batch-size": "8", "--train-iters": "4", "--lr": "3e-3", "--lr-warmup-iters": "1",
+        "--hidden-dropout": "0", "--attention-dropout": "0", "--data-path": f"{data_dir}/corpus_text_document",
+        "--tokenizer-type": "SentencePieceTokenizer", "--tokenizer-model": f"{data_dir}/tok.model",
+        "--split": "90,5,5", "--log-interval": "1", "--eval-interval": "1000", "--eval-iters": "2",
+        "--data-cache-path": f"{data_dir}/cache",
+    }
+    flags.update(overrides)
+    argv = []
+    for k, v in flags.items():
+        if v is None:
+            continue
+        argv += [k] + ([v] if v != "" else [])
+    return argv
+
+
+def torchrun(nproc: int, argv: list[str], metrics_file, timeout: int = 300) -> Run:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "pretrain_gpt.py", *argv, "--metrics-file", str(metrics_file)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = [json.loads(l) for l in open(metrics_file)] if os.path.exists(metrics_file) else []
+    return Run(out.returncode, out.stdout + out.stderr, metrics)

@@ -1,0 +1,40 @@
+"""Bad launches fail fast with one line on stderr and a non-zero exit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, tiny_args
+
+
+def launch(argv, world_size=1):
+    env = {**os.environ, "WORLD_SIZE": str(world_size), "RANK": "0"}
+    return subprocess.run([sys.executable, "pretrain_gpt.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+@pytest.mark.parametrize("overrides,world_size,message", [
+    ({"--data-path": "/nonexistent/corpus"}, 1, "data path not found: /nonexistent/corpus"),
+    ({"--tokenizer-model": "/nonexistent/tok.model"}, 1, "tokenizer model not found: /nonexistent/tok.model"),
+    ({"--hidden-size": "66"}, 1, "--hidden-size 66 is not divisible by --num-attention-heads 4"),
+    ({"--tensor-model-parallel-size": "8"}, 8, "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8"),
+    ({"--pipeline-model-parallel-size": "3"}, 3, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
+    ({"--global-batch-size": "6"}, 2, "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    ({"--num-query-groups": "3"}, 1, "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
+    ({"--tensor-model-parallel-size": "3"}, 2, "world size 2 is not divisible by tensor (3) x pipeline (1)"),
+])
+def test_bad_arguments(data_dir, overrides, world_size, message):
+    out = launch(tiny_args(data_dir, **overrides), world_size)
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert message in out.stderr
+
+
+def test_load_of_a_non_checkpoint(data_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    out = launch(tiny_args(data_dir, **{"--load": str(tmp_path)}))
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"error: --load {tmp_path}: not a checkpoint directory " \
+                                 "(no latest_checkpointed_iteration.txt)"
