@@ -11,4 +11,4 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION}"
 python -m pip install -q -e ".[test]"
-python -c "import torch, megatron.core; print(f'megagrow env ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
+python -c "import megagrow, torch, megatron.core; print(f'megagrow env ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
