@@ -94,6 +94,18 @@ def test_clip_grad_clips_on_cpu(data_dir, tmp_path):
     assert abs(moved.item() - 0.01) < 1e-4, (moved.item(), grad_norm)
 
 
+def _kill_tree(pid):
+    """SIGKILL torchrun and its workers at once (they run in their own sessions), like a node failure."""
+    import psutil
+    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def _tracker(root):
     return open(os.path.join(root, "latest_checkpointed_iteration.txt")).read()
 
@@ -109,15 +121,15 @@ def test_sigkill_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
     in_flight = os.path.join(ck, "iter_0000004.tmp")
     deadline = time.time() + 240
     try:
-        while not (os.path.isdir(in_flight) and os.listdir(in_flight)):  # the second save has started writing
+        while not os.path.isdir(in_flight):  # the second save has begun (ranks write into it next)
             assert time.time() < deadline and proc.poll() is None, "second save never started"
             time.sleep(0.002)
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         proc.wait()
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert _tracker(ck) == "2"
+            _kill_tree(proc.pid)
+    assert _tracker(ck) == "2" and os.path.isdir(in_flight)  # killed mid-save, previous one still current
     assert not os.path.exists(os.path.join(ck, "iter_0000004"))
     resumed = torchrun(2, ["--tensor-model-parallel-size", "2", *tiny_args(
         data_dir, **{"--train-iters": "4", "--save": ck, "--load": ck, "--hidden-size": "256",
