@@ -39,7 +39,6 @@ def worker(rounds: int, steps: int, argv: list[str]) -> None:
     args = parse_args(argv)
     state = setup(args)
     log = MetricsLogger(args)
-    ours_iter = iter_samples = None
     from megagrow.training.pretrain import _data_iterator
     ours_iter = _data_iterator(state, state.datasets[0], 0)
     dataset = state.datasets[0]
@@ -98,7 +97,7 @@ def main() -> None:
     p.add_argument("--tokenizer-model", default=None)
     opts, rest = p.parse_known_args()
     if opts.worker:
-        worker(opts.rounds, opts.steps, rest)
+        worker(opts.rounds, opts.steps, rest + ["--data-path", opts.data_path, "--tokenizer-model", opts.tokenizer_model])
         return
 
     work = tempfile.mkdtemp(prefix="megagrow-bench-")
