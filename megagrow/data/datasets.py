@@ -1,35 +1,90 @@
-"""Train/valid/test GPT datasets from Megatron indexed data, through megatron-core's builder."""
+"""Train/valid/test GPT datasets from Megatron indexed data, built by megatron-core's builder.
+
+Every rank builds the datasets (`is_built_on_rank` is always true). When torch.distributed is
+initialised, megatron-core's builder itself serialises the work: global rank 0 builds and writes the
+index caches (document/sample/shuffle indices as .npy), all ranks meet at a barrier on the default
+process group, then the other ranks build, which only loads rank 0's cache. So:
+  - `build_gpt_datasets` must be called by every rank of the default group (a rank that skips it
+    leaves the others waiting at the barrier), and the same arguments on all ranks;
+  - the cache directory must be visible to every rank (shared filesystem across nodes);
+  - with gloo this costs only a few barriers. Without torch.distributed, it simply builds in process.
+Problems that would otherwise surface on rank 0 alone (and leave the other ranks hanging at that
+barrier) are checked here first, identically on every rank.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import numpy as np
+import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix, parse_and_normalize_split)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
 
-def _check_prefixes(data_path: list[str], split: str) -> None:
-    prefixes = data_path if len(data_path) == 1 else data_path[1::2]
-    weights = [float(w) for w in split.replace("/", ",").split(",")]
+def _check_data(prefixes: list[str], split: str) -> None:
+    """Fail clearly on a missing prefix, or on a split that would get no tokens.
+
+    megatron-core loops forever computing epochs for a split whose documents hold no tokens
+    (e.g. "969,30,1" on a corpus of a few hundred documents gives the test split none).
+    """
     for prefix in prefixes:
         if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
             raise FileNotFoundError(f"data path not found: {prefix} (expected {prefix}.bin and {prefix}.idx)")
-        # megatron-core loops forever on a split that gets no document but is asked for samples.
-        docs = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
-        for name, w in zip(("train", "valid", "test"), weights):
-            if w > 0 and int(round(docs * w / sum(weights))) < 1:
-                raise ValueError(f"--split {split}: the {name} split of {prefix} ({docs} documents) is empty")
+    # The same document ranges megatron-core's builder will take for each split.
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        # Keep `indexed` referenced while `lengths` is used: IndexedDataset unmaps its file when it is
+        # collected, and reading a view of it afterwards segfaults.
+        indexed = IndexedDataset(prefix, mmap=True)
+        lengths = indexed.sequence_lengths
+        for name, bounds in zip(("train", "valid", "test"), matrix):
+            if bounds is None:
+                continue
+            beg, end = (int(round(b * len(lengths))) for b in bounds)
+            if int(np.sum(lengths[beg:end], dtype=np.int64)) == 0:
+                raise ValueError(f"--split {split} leaves the {name} split of {prefix} ({len(lengths)} "
+                                 f"documents) without tokens: use more data or another split")
+        del indexed
 
 
 def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int, tokenizer,
                        train_val_test_num_samples: list[int], data_cache_path: str | None = None,
                        dp_size: int = 1):
-    """(train, valid, test) GPTDatasets; every rank builds them (each reads the shared cache if built)."""
-    _check_prefixes(data_path, split)
+    """(train, valid, test) datasets whose samples hold tokens, labels, loss_mask, position_ids and
+    attention_mask, each of `seq_length`.
+
+    `data_path` is Megatron-LM's --data-path: `[prefix]`, or `[weight1, prefix1, weight2, prefix2, ...]`
+    for a blend. `split` is e.g. "949,50,1" (documents of each prefix, in order). A split with weight
+    0 is None. Index caches go to `data_cache_path` (default: megatron-core's, beside the data).
+    """
+    prefixes, _ = get_blend_from_list(data_path)
+    _check_data(prefixes, split)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=get_blend_from_list(data_path), split=split,
         tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=True, path_to_cache=data_cache_path, data_parallel_size=dp_size)
-    return BlendedMegatronDatasetBuilder(GPTDataset, train_val_test_num_samples, lambda: True, config).build()
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, train_val_test_num_samples, lambda: True, config)
+    if len(prefixes) > 1 and not torch.distributed.is_initialized():
+        with _single_process_group():
+            return builder.build()
+    return builder.build()
+
+
+@contextlib.contextmanager
+def _single_process_group():
+    """A one-rank gloo group for the duration of a build, on an in-memory store (no network).
+
+    megatron-core's BlendedDataset calls torch.distributed.get_rank() unconditionally when it writes
+    its index cache, which raises outside torch.distributed; with one rank it behaves as rank 0.
+    """
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
