@@ -28,29 +28,19 @@ sys.path.insert(0, ROOT)
 
 def worker(rounds: int, steps: int, argv: list[str]) -> None:
     import torch
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megagrow.runtime.distributed import destroy, print_rank_last
     from megagrow.training.arguments import parse_args
     from megagrow.training.metrics import MetricsLogger
-    from megagrow.training.pretrain import forward_step, setup, train_iteration
+    from megagrow.training.pretrain import _data_iterator, forward_step, setup, train_iteration
 
     args = parse_args(argv)
     state = setup(args)
     log = MetricsLogger(args)
-    from megagrow.training.pretrain import _data_iterator
     ours_iter = _data_iterator(state, state.datasets[0], 0)
-    dataset = state.datasets[0]
-    dp_rank = parallel_state.get_data_parallel_rank()
-
-    def bare_batches():
-        i = dp_rank * args.micro_batch_size
-        while True:
-            samples = [dataset[j % len(dataset)] for j in range(i, i + args.micro_batch_size)]
-            yield {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
-            i += args.micro_batch_size * args.data_parallel_size
-    iter_samples = bare_batches()
+    # Same sampler for both loops, so the comparison is of the loop, not of data loading.
+    iter_samples = _data_iterator(state, state.datasets[0], 0)
 
     def bare_step():
         for chunk in state.model:
