@@ -42,5 +42,8 @@ def check_loadable(root: str, same_as_save: bool = False) -> None:
     if iteration is None:
         raise CheckpointError(f"--load {root}: not a checkpoint directory (no {TRACKER})")
     path = iteration_dir(root, iteration)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise CheckpointError(f"--load {root}: {path} is not a torch_dist checkpoint (no metadata.json)")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--load {root}: {TRACKER} names {os.path.basename(path)}, which does not exist")
+    if not os.path.isfile(os.path.join(path, "metadata.json")) and not any(
+            n.startswith("mp_rank_") for n in os.listdir(path)):
+        raise CheckpointError(f"--load {root}: {path} holds neither a torch_dist nor a torch checkpoint")

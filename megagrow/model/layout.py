@@ -74,3 +74,109 @@ def tp_local_chunk(full: torch.Tensor, name: str, tp_rank: int, tp_size: int,
         gate, up = full.chunk(2, dim=dim)
         return torch.cat([gate.chunk(tp_size, dim=dim)[tp_rank], up.chunk(tp_size, dim=dim)[tp_rank]], dim=dim)
     return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def tp_unshard(shards: list[torch.Tensor], name: str, gated_linear_unit: bool) -> torch.Tensor:
+    """The global tensor from every TP rank's local tensor (the inverse of tp_local_chunk)."""
+    dim = tp_partition_dim(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if is_gated_fc1(name, gated_linear_unit):
+        halves = [s.chunk(2, dim=dim) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(shards, dim=dim)
+
+
+def tp_chunk_ranges(name: str, global_shape, tp_size: int, gated_linear_unit: bool):
+    """For each TP rank, the (offsets, sizes) boxes of the global tensor it holds, in local order.
+
+    One box per rank, except SwiGLU fc1: a gate box then an up box.
+    """
+    dim = tp_partition_dim(name)
+    shape = list(global_shape)
+    if dim is None:
+        return [[((0,) * len(shape), tuple(shape))] for _ in range(tp_size)]
+    parts = 2 if is_gated_fc1(name, gated_linear_unit) else 1
+    step = shape[dim] // (parts * tp_size)
+    boxes = []
+    for r in range(tp_size):
+        rank_boxes = []
+        for part in range(parts):
+            offsets, sizes = [0] * len(shape), list(shape)
+            offsets[dim], sizes[dim] = part * (shape[dim] // parts) + r * step, step
+            rank_boxes.append((tuple(offsets), tuple(sizes)))
+        boxes.append(rank_boxes)
+    return boxes
+
+
+# The Transformer Engine spec fuses each norm into the linear after it; the local spec keeps it a
+# module of its own. torch_dist uses the fused names for both, the legacy `torch` format the
+# spec's own. The unsharded view uses the fused (torch_dist) names.
+_LOCAL_TO_FUSED = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                   "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+                   "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+                   "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias"}
+_FUSED_TO_LOCAL = {v: k for k, v in _LOCAL_TO_FUSED.items()}
+
+
+def fused_name(layer_relative_name: str) -> str:
+    return _LOCAL_TO_FUSED.get(layer_relative_name, layer_relative_name)
+
+
+def spec_name(layer_relative_name: str, transformer_impl: str) -> str:
+    """The key a layer tensor has in a `torch`-format state dict of the given spec."""
+    if transformer_impl == "local":
+        return _FUSED_TO_LOCAL.get(layer_relative_name, layer_relative_name)
+    return layer_relative_name
+
+
+def split_layer_key(key: str) -> tuple[int, str] | None:
+    """`decoder.layers.3.mlp.linear_fc1.weight` -> (3, 'mlp.linear_fc1.weight'); None for other keys."""
+    m = _LOCAL_LAYER.match(key)
+    return (int(m.group(1)), key[m.end():]) if m else None
+
+
+def pipeline_stages(num_layers: int, pp_size: int, first: int | None = None, last: int | None = None):
+    """(first global layer, layer count) of each pipeline stage, as megatron-core assigns them.
+
+    `first`/`last` are --decoder-first/last-pipeline-num-layers (uneven stages); the other stages
+    share the remaining layers evenly.
+    """
+    if pp_size == 1:
+        return [(0, num_layers)]
+    counts = [None] * pp_size
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    rest = [i for i, c in enumerate(counts) if c is None]
+    left = num_layers - sum(c for c in counts if c is not None)
+    if rest:
+        if left < 0 or left % len(rest):
+            raise ValueError(f"{num_layers} layers do not split evenly over {len(rest)} middle pipeline stages")
+        for i in rest:
+            counts[i] = left // len(rest)
+    elif left != 0:
+        raise ValueError(f"pipeline stage layer counts add up to {sum(counts)}, not {num_layers}")
+    starts = [sum(counts[:i]) for i in range(pp_size)]
+    return list(zip(starts, counts))
+
+
+def optimizer_param_groups(names_and_shapes: list[tuple[str, tuple]]) -> list[list[str]]:
+    """Parameter names per optimizer group, in the order megatron-core's optimizer indexes them on one rank.
+
+    megatron-core builds two parameter groups, sorted with the default one first: weights with
+    weight decay, then biases and 1-D parameters (no weight decay); each keeps named_parameters order.
+    """
+    decay = [n for n, s in names_and_shapes if not (len(s) == 1 or n.endswith(".bias"))]
+    no_decay = [n for n, s in names_and_shapes if len(s) == 1 or n.endswith(".bias")]
+    return [decay, no_decay]
+
+
+def resize_vocab_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Drop or add (zero) padding rows of an embedding/output-layer tensor."""
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] > rows:
+        return t[:rows]
+    return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])

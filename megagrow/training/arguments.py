@@ -166,8 +166,8 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
 
     _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive")
     _require(args.lr >= args.min_lr, f"--lr {args.lr} is below --min-lr {args.min_lr}")
-    _require(args.ckpt_format == "torch_dist",
-             f"--ckpt-format {args.ckpt_format}: only torch_dist is written by pretrain_gpt.py")
+    _require(not (args.ckpt_format == "torch" and args.use_distributed_optimizer),
+             "--ckpt-format torch with --use-distributed-optimizer is not supported (use torch_dist)")
 
     _require(bool(args.data_path), "--data-path is required")
     prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]

@@ -17,9 +17,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megagrow.checkpoint.torch_dist import load_checkpoint, save_checkpoint
+from megagrow.checkpoint.trainer import load_checkpoint, save_checkpoint
 from megagrow.data.loader import build_datasets, microbatches
-from megagrow.model.gpt import build_gpt_model, transformer_config
+from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_impl
 from megagrow.model.layout import padded_vocab_size
 from megagrow.runtime.distributed import destroy, initialize_distributed, print_rank_0, set_seeds
 from megagrow.training.metrics import MetricsLogger
@@ -61,6 +61,8 @@ def setup(args) -> TrainState:
                            args.distributed_backend)
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
+    args.tokenizer_vocab_size = tokenizer.vocab_size  # lets converters re-pad the vocabulary for another TP
+    args.transformer_impl = transformer_impl(args)  # recorded resolved: torch-format key names depend on it
     args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)
     config = transformer_config(args)

@@ -1,7 +1,9 @@
-"""Megatron-LM checkpoints in the torch_dist format, written so a crash never loses one.
+"""The trainer's checkpoints, in Megatron-LM's layout and formats, written so a crash never loses one.
 
 Layout (as Megatron-LM): `<dir>/iter_0000100/` holding dist_checkpointing's files (`.metadata`,
-`__R_I.distcp`, `common.pt`, `metadata.json`) and `<dir>/latest_checkpointed_iteration.txt`.
+`__R_I.distcp`, `common.pt`, `metadata.json`) for torch_dist, or `mp_rank_TT[_PPP]/model_optim_rng.pt`
+per (TP, PP) rank for the legacy torch format, and `<dir>/latest_checkpointed_iteration.txt`.
+torch_dist reloads at any parallelism; the torch format only at its own (convert it otherwise).
 A save goes to `iter_0000100.tmp/`, is renamed once every rank has finished, and only then is
 the tracker file replaced (atomically). A job killed mid-save leaves the previous checkpoint and
 tracker untouched; the stale `.tmp` directory is removed by the next save.
@@ -18,7 +20,10 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from torch.distributed.checkpoint import FileSystemReader
+
 from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
+from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
 
 CHECKPOINT_VERSION = 3.0
 # Architecture fields a checkpoint must agree on to be loaded into a model (parallelism may differ).
@@ -63,8 +68,28 @@ def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, is_lo
     return state
 
 
+def _write_torch_dist(tmp: str, iteration: int, model, optimizer, scheduler, args) -> None:
+    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=False)
+    dist_checkpointing.save(state, tmp)
+
+
+def _write_torch(tmp: str, iteration: int, model, optimizer, scheduler, args) -> None:
+    """Megatron-LM's legacy format: one file per (TP, PP) rank, written by data-parallel rank 0."""
+    if parallel_state.get_data_parallel_rank() != 0:
+        return
+    d = os.path.join(tmp, rank_dir(parallel_state.get_tensor_model_parallel_rank(),
+                                   parallel_state.get_pipeline_model_parallel_rank(),
+                                   parallel_state.get_pipeline_model_parallel_world_size()))
+    os.makedirs(d)
+    state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+             "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+             "opt_param_scheduler": scheduler.state_dict(), "rng_state": [_rng_state_object().data],
+             "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0)}
+    torch.save(state, os.path.join(d, SHARD_FILE))
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args) -> str:
-    """Save on every rank (collective); returns the final iteration directory."""
+    """Save on every rank (collective) in --ckpt-format; returns the final iteration directory."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     rank = torch.distributed.get_rank()
@@ -73,8 +98,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=False)
-    dist_checkpointing.save(state, tmp)
+    write = _write_torch if args.ckpt_format == "torch" else _write_torch_dist
+    write(tmp, iteration, model, optimizer, scheduler, args)
     torch.distributed.barrier()
     if rank == 0:
         if os.path.exists(final):  # re-saving an iteration: keep the old one until the new one is in place
@@ -99,23 +124,15 @@ def _check_compatible(saved_args, args, path: str) -> None:
             raise CheckpointError(f"{path}: checkpoint has {flag} {saved}, this run asks for {wanted}")
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, int]:
-    """Load the tracker's checkpoint into model (and optimizer, scheduler, RNG unless told not to).
-
-    Returns (iteration, consumed_train_samples); (0, 0) when there is nothing to load.
-    """
-    iteration = read_tracker(root)
-    if iteration is None:
-        return 0, 0
-    path = iteration_dir(root, iteration)
+def _load_torch_dist(path: str, model, optimizer, scheduler, args, iteration: int, same_layout: bool):
     common = dist_checkpointing.load_common_state_dict(path)
     saved_args = common.get("args")
     _check_compatible(saved_args, args, path)
-    same_layout = all(getattr(saved_args, n, None) == getattr(args, n) for n in
-                      ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size"))
     # The optimizer lives in the sharded part; its scheduler's state in common.pt marks that it was saved.
     load_optim = not (args.no_load_optim or args.finetune) and "opt_param_scheduler" in common
-    load_rng = not (args.no_load_rng or args.finetune) and same_layout  # RNG streams belong to a layout
+    # RNG streams belong to a layout; a converted checkpoint has none.
+    has_rng = any(k.startswith("rng_state") for k in FileSystemReader(path).read_metadata().state_dict_metadata)
+    load_rng = not (args.no_load_rng or args.finetune) and same_layout(saved_args) and has_rng
     state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=True,
                                 with_optimizer=load_optim, with_rng=load_rng)
     loaded = dist_checkpointing.load(state, path)
@@ -125,6 +142,46 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, 
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
+    return common, saved_args
+
+
+def _load_torch(path: str, model, optimizer, scheduler, args, iteration: int, same_layout):
+    f = os.path.join(path, rank_dir(parallel_state.get_tensor_model_parallel_rank(),
+                                    parallel_state.get_pipeline_model_parallel_rank(),
+                                    parallel_state.get_pipeline_model_parallel_world_size()), SHARD_FILE)
+    state = load_shard(f)
+    saved_args = state.get("args")
+    _check_compatible(saved_args, args, path)
+    for n in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if getattr(saved_args, n) != getattr(args, n):
+            flag = "--" + n.replace("_", "-")
+            raise CheckpointError(f"{path}: a torch-format checkpoint saved with {flag} {getattr(saved_args, n)} "
+                                  f"loads only at that size (convert it: megagrow checkpoint convert)")
+    model.module.load_state_dict(state["model"])
+    if not (args.no_load_optim or args.finetune) and state.get("optimizer"):
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if not (args.no_load_rng or args.finetune) and same_layout(saved_args) and state.get("rng_state"):
+        _set_rng_state(state["rng_state"][0])
+    return state, saved_args
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, int]:
+    """Load the tracker's checkpoint (either format) into model, optimizer, scheduler and RNG unless told not to.
+
+    Returns (iteration, consumed_train_samples); (0, 0) when there is nothing to load.
+    """
+    iteration = read_tracker(root)
+    if iteration is None:
+        return 0, 0
+    path = iteration_dir(root, iteration)
+
+    def same_layout(saved_args):
+        return all(getattr(saved_args, n, None) == getattr(args, n) for n in
+                   ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size"))
+
+    load = _load_torch_dist if os.path.isfile(os.path.join(path, "metadata.json")) else _load_torch
+    common, saved_args = load(path, model, optimizer, scheduler, args, iteration, same_layout)
     if args.finetune:
         return 0, 0
     args.num_floating_point_operations_so_far = common.get("num_floating_point_operations_so_far", 0)

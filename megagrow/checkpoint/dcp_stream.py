@@ -1,0 +1,256 @@
+"""Streaming read and write of torch_dist (dist_checkpointing / DCP) checkpoints.
+
+torch_dist stores each tensor in global coordinates, layers of one kind stacked on a leading axis,
+as chunks (one per layer per TP rank) in `__R_I.distcp` files indexed by `.metadata`. Reading one
+layer asks torch's DCP reader for just that layer's box of each stacked tensor; writing emits each
+unit's chunks as soon as it is produced and assembles `.metadata` at the end, as a collective
+dist_checkpointing.save would, so neither side ever holds the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType, TensorWriteData
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.planner import LoadPlan
+
+from megagrow.checkpoint.errors import CheckpointError
+from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, CheckpointView, OptimizerCommon,
+                                      Unit, gated)
+from megagrow.model.layout import pipeline_stages, tp_chunk_ranges
+
+OPT_PREFIX = "optimizer.state."
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+
+
+class _Into:
+    """The smallest LoadPlanner DCP's reader needs: copy each read box into its destination tensor."""
+
+    def __init__(self, targets: dict[str, torch.Tensor]):
+        self.targets = targets
+
+    def resolve_tensor(self, item):
+        t = self.targets[item.dest_index.fqn]
+        for dim, (off, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+            t = t.narrow(dim, off, length)
+        return t
+
+    def commit_tensor(self, item, tensor):
+        pass
+
+    def load_bytes(self, item, value):
+        self.targets[item.dest_index.fqn] = value.read()
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """`optimizer.state.exp_avg.output_layer.weight` -> ('exp_avg', 'output_layer.weight')."""
+    if key.startswith(OPT_PREFIX):
+        state, name = key[len(OPT_PREFIX):].split(".", 1)
+        return state, name
+    return "model", key
+
+
+class TorchDistView(CheckpointView):
+    def __init__(self, iter_dir: str):
+        self.path = iter_dir
+        self.reader = FileSystemReader(iter_dir)
+        try:
+            self.metadata = self.reader.read_metadata()
+            common = torch.load(os.path.join(iter_dir, "common.pt"), map_location="cpu", weights_only=False)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{iter_dir}: missing {os.path.basename(e.filename)}") from None
+        except Exception as e:  # truncated or not a checkpoint file
+            raise CheckpointError(f"{iter_dir}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+        self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        args = common.get("args")
+        if args is None:
+            raise CheckpointError(f"{iter_dir}/common.pt has no 'args'")
+        opt = common.get("optimizer")
+        super().__init__(args=args, iteration=common.get("iteration", 0), optimizer=_optimizer_common(opt),
+                         extra={k: common[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
+                                if k in common})
+        self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
+                        if isinstance(v, TensorStorageMetadata)}
+
+    def _read(self, keys: list[str], layer: int | None) -> dict[str, torch.Tensor]:
+        out, items = {}, []
+        for key in keys:
+            md = self.tensors[key]
+            size = list(md.size)
+            offsets = [0] * len(size)
+            if layer is not None:
+                offsets[0], size[0] = layer, 1
+            out[key] = torch.empty(size, dtype=md.properties.dtype)
+            items += create_read_items_for_chunk_list(
+                key, md, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(size))])
+        try:
+            self.reader.read_data(LoadPlan(items), _Into(out)).wait()
+        except (OSError, RuntimeError, pickle.UnpicklingError, AssertionError) as e:
+            raise CheckpointError(f"{self.path}: cannot read {keys[0]}... ({type(e).__name__}: {e})") from None
+        return {k: (v[0] if layer is not None else v) for k, v in out.items()}
+
+    def _unit(self, keys: list[str], layer: int | None, strip: str) -> Unit:
+        unit: Unit = {"model": {}}
+        for key, tensor in self._read(keys, layer).items():
+            state, name = _split_key(key)
+            if state != "model" and state not in self.optimizer_states:
+                continue
+            unit.setdefault(state, {})[name[len(strip):]] = tensor
+        return unit
+
+    def read_globals(self) -> Unit:
+        keys = [k for k in self.tensors if not _split_key(k)[1].startswith(LAYER_PREFIX)]
+        return self._unit(keys, None, "")
+
+    def read_layer(self, index: int) -> Unit:
+        if not 0 <= index < self.num_layers:
+            raise IndexError(index)
+        keys = [k for k in self.tensors if _split_key(k)[1].startswith(LAYER_PREFIX)]
+        return self._unit(keys, index, LAYER_PREFIX)
+
+    def problems(self) -> list[str]:
+        """Completeness: every chunk's bytes are on disk, chunks cover each tensor, shapes match args."""
+        found = []
+        sizes = {}
+        for index, info in self.metadata.storage_data.items():
+            path = os.path.join(self.path, info.relative_path)
+            if path not in sizes:
+                sizes[path] = os.path.getsize(path) if os.path.exists(path) else None
+            if sizes[path] is None:
+                found.append(f"missing shard file {info.relative_path}")
+                sizes[path] = -1
+            elif sizes[path] >= 0 and info.offset + info.length > sizes[path]:
+                found.append(f"truncated shard file {info.relative_path} ({sizes[path]} bytes, "
+                             f"needs {info.offset + info.length})")
+                sizes[path] = -1
+        for key, md in self.tensors.items():
+            covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
+            if covered != md.size.numel():
+                found.append(f"{key}: chunks cover {covered} of {md.size.numel()} elements")
+        return found
+
+
+def _optimizer_common(opt: dict | None) -> OptimizerCommon | None:
+    if not opt:
+        return None
+    if "param_state_sharding_type" in opt:  # distributed optimizer
+        groups = opt["optimizer"]["param_groups"]
+        step = groups[0].get("step", 0) if groups else 0
+        return OptimizerCommon([_hyper(g) for g in groups], float(step), distributed=True)
+    step = opt.get("state", {}).get("common_step", 0)
+    return OptimizerCommon([_hyper(g) for g in opt["param_groups"]], float(step), distributed=False)
+
+
+def _hyper(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("params", "step")}
+
+
+def optimizer_common_to_torch_dist(opt: OptimizerCommon) -> dict:
+    if opt.distributed:
+        return {"optimizer": {"param_groups": [{**g, "step": opt.step} for g in opt.param_groups]},
+                "param_state_sharding_type": "fully_reshardable"}
+    return {"state": {"common_step": torch.tensor(opt.step)}, "param_groups": [dict(g) for g in opt.param_groups]}
+
+
+class _From:
+    def __init__(self, data: dict):
+        self.data = data
+
+    def resolve_data(self, item):
+        return self.data[item.index]
+
+
+def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int, with_optimizer: bool,
+                     progress=None) -> None:
+    """Write `view` as a torch_dist checkpoint directory for TP=tp, PP=pp (chunks as its ranks would hold)."""
+    os.makedirs(out_dir)
+    writer = FileSystemWriter(out_dir, thread_count=1, sync_files=False)
+    writer.set_up_storage_writer(is_coordinator=True)
+    states = ("model",) + (view.optimizer_states if with_optimizer else ())
+    entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    results = []
+    stages = pipeline_stages(args.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
+                             getattr(args, "decoder_last_pipeline_num_layers", None))
+    stage_of = {i: s for s, (start, n) in enumerate(stages) for i in range(start, start + n)}
+    file_seq = [0]
+
+    def emit(unit: Unit, stage: int, layer: int | None):
+        per_rank: dict[int, tuple[list, dict]] = {}
+        for state in states:
+            for name, tensor in unit.get(state, {}).items():
+                key = (name if layer is None else LAYER_PREFIX + name)
+                if state != "model":
+                    key = f"{OPT_PREFIX}{state}.{key}"
+                glob_shape = tuple(tensor.shape) if layer is None else (args.num_layers,) + tuple(tensor.shape)
+                _add_tensor_entry(entries, key, tensor, glob_shape)
+                for r, boxes in enumerate(tp_chunk_ranges(name, tensor.shape, tp, gated(args))):
+                    if r > 0 and not boxes_differ(boxes, tensor.shape):
+                        continue  # replicated tensors are written once
+                    items, data = per_rank.setdefault(stage * tp + r, ([], {}))
+                    for offsets, sizes in boxes:
+                        chunk = tensor
+                        for dim, (o, s) in enumerate(zip(offsets, sizes)):
+                            chunk = chunk.narrow(dim, o, s)
+                        if layer is not None:
+                            chunk, offsets, sizes = chunk.unsqueeze(0), (layer,) + offsets, (1,) + sizes
+                        index = MetadataIndex(key, torch.Size(offsets))
+                        entries[key].chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+                        items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+                            chunk=entries[key].chunks[-1], properties=TensorProperties(dtype=tensor.dtype),
+                            size=torch.Size(glob_shape))))
+                        data[index] = chunk.contiguous()
+        if layer is not None:  # the per-layer (empty) extra states megatron-core asks for on load
+            items, data = per_rank.setdefault(stage * tp, ([], {}))
+            for module in EXTRA_STATE_MODULES:
+                key = f"{LAYER_PREFIX}{module}._extra_state/shard_{layer}_{args.num_layers}"
+                entries[key] = BytesStorageMetadata()
+                buf = io.BytesIO()
+                torch.save([None], buf)
+                index = MetadataIndex(key)
+                items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
+                data[index] = buf
+        for rank, (items, data) in sorted(per_rank.items()):
+            plan = SavePlan(items, storage_data=_StoragePrefix(f"__{rank}_{file_seq[0]}_"))
+            file_seq[0] += 1
+            results.append(writer.write_data(plan, _From(data)).value())
+
+    glob = view.read_globals()
+    emit(glob, 0, None)  # embedding rows are split by TP; final norm / output layer live on the last stage
+    del glob
+    for i in range(args.num_layers):
+        emit(view.read_layer(i), stage_of[i], i)
+        if progress:
+            progress(i + 1)
+    writer.finish(Metadata(state_dict_metadata=entries), results)
+    common = {"checkpoint_version": 3.0, "iteration": view.iteration, "args": args,
+              "num_floating_point_operations_so_far": view.extra.get("num_floating_point_operations_so_far", 0)}
+    if with_optimizer and view.optimizer is not None:
+        common["optimizer"] = optimizer_common_to_torch_dist(view.optimizer)
+        if "opt_param_scheduler" in view.extra:
+            common["opt_param_scheduler"] = view.extra["opt_param_scheduler"]
+    torch.save(common, os.path.join(out_dir, "common.pt"))
+    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+        json.dump(METADATA_JSON, f)
+
+
+def boxes_differ(boxes, shape) -> bool:
+    """True when a rank's boxes are a proper part of the tensor (it is split, not replicated)."""
+    return any(tuple(s) != tuple(shape) for _, s in boxes)
+
+
+def _add_tensor_entry(entries: dict, key: str, tensor: torch.Tensor, glob_shape: tuple) -> None:
+    if key not in entries:
+        entries[key] = TensorStorageMetadata(properties=TensorProperties(dtype=tensor.dtype),
+                                             size=torch.Size(glob_shape), chunks=[])
+    elif tuple(entries[key].size) != glob_shape:
+        raise CheckpointError(f"{key}: inconsistent shapes {tuple(entries[key].size)} and {glob_shape}")
