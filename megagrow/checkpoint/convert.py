@@ -160,6 +160,10 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     if os.path.abspath(load) == os.path.abspath(save):
         raise CheckpointError("--load and --save name the same directory; the source is never modified")
     view = open_checkpoint(load)
+    problems = _problems(view)
+    if problems:
+        raise CheckpointError(f"{load}: {problems[0]}" + (f" (and {len(problems) - 1} more problems; see "
+                                                         f"megagrow checkpoint inspect)" if len(problems) > 1 else ""))
     if with_optimizer and getattr(view, "unsupported_optimizer", None):
         raise CheckpointError(f"{load}: cannot convert {view.unsupported_optimizer}; pass --no-optimizer")
     src = view.args

@@ -54,7 +54,7 @@ def tp_partition_dim(name: str) -> int | None:
 
 
 def is_gated_fc1(name: str, gated_linear_unit: bool) -> bool:
-    return gated_linear_unit and ".mlp.linear_fc1." in name
+    return gated_linear_unit and ("." + name).find(".mlp.linear_fc1.") >= 0
 
 
 def tp_global_shape(local_shape, name: str, tp_size: int) -> tuple[int, ...]:

@@ -1,0 +1,69 @@
+"""torchrun worker: load a checkpoint into megatron-core GPTModels at its own TP/PP and save the logits.
+
+Usage: torchrun --nproc-per-node TP*PP tests/logits_worker.py CHECKPOINT_ROOT OUT.pt
+The logits of fixed tokens (vocabulary gathered over TP, padding rows dropped) are saved by the
+last rank, so checkpoints of any layout can be compared tensor for tensor.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from megagrow.checkpoint.convert import open_checkpoint  # noqa: E402
+from megagrow.checkpoint.trainer import load_checkpoint  # noqa: E402
+from megagrow.model.gpt import build_gpt_model, transformer_config  # noqa: E402
+from megagrow.runtime.distributed import destroy, initialize_distributed, is_last_rank, set_seeds  # noqa: E402
+
+
+class _Wrapped:
+    def __init__(self, module):
+        self.module = module
+
+
+def main(root: str, out: str) -> None:
+    view = open_checkpoint(root)
+    args = view.args
+    view.close()
+    args.no_load_optim = args.no_load_rng = True
+    args.finetune = False
+    args.data_parallel_size = 1
+    initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, "gloo")
+    set_seeds(args.seed)
+    model = build_gpt_model(args, transformer_config(args), getattr(args, "tokenizer_vocab_size", 1000))
+    load_checkpoint(root, _Wrapped(model), None, None, args)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = getattr(args, "tokenizer_vocab_size", 1000)
+    tokens = torch.randint(0, vocab, (2, 32), generator=g)
+    batch = {"tokens": tokens, "position_ids": torch.arange(32).expand(2, 32)}
+    logits = []
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        output = model(b["tokens"], b["position_ids"], None)
+
+        def keep(output_tensor):
+            logits.append(output_tensor.detach())
+            return output_tensor.sum() * 0, {}
+        return output, keep
+
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
+                                    num_microbatches=1, seq_length=32, micro_batch_size=2, forward_only=True)
+    if parallel_state.is_pipeline_last_stage():
+        local = logits[0].contiguous()
+        parts = [torch.empty_like(local) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+        torch.distributed.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
+        full = torch.cat(parts, dim=-1)[..., :vocab]
+        if is_last_rank():
+            torch.save(full, out)
+    destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
