@@ -162,7 +162,7 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     view = open_checkpoint(load)
     problems = _problems(view)
     if problems:
-        raise CheckpointError(f"{load}: {problems[0]}" + (f" (and {len(problems) - 1} more problems; see "
+        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems; see "
                                                          f"megagrow checkpoint inspect)" if len(problems) > 1 else ""))
     if with_optimizer and getattr(view, "unsupported_optimizer", None):
         raise CheckpointError(f"{load}: cannot convert {view.unsupported_optimizer}; pass --no-optimizer")
@@ -225,6 +225,6 @@ def _problems(view: CheckpointView) -> list[str]:
                 found.append(f"unknown key {key}")
             elif tuple(md.size) != want:
                 found.append(f"{key}: shape {tuple(md.size)}, the args say {want}")
-        return found
+        return [f"{view.path}: {p}" for p in found]
     from megagrow.checkpoint.legacy_stream import check_shards
     return check_shards(view, glob, layer)

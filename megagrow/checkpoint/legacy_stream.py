@@ -248,7 +248,7 @@ def check_shards(view: TorchView, glob: dict, layer: dict) -> list[str]:
     found = []
     for s, (start, count) in enumerate(view.stages):
         for t in range(view.tp):
-            name = rank_dir(t, s, view.pp)
+            name = os.path.join(view.path, rank_dir(t, s, view.pp))
             try:
                 sd = view._shard(t, s)
             except CheckpointError as e:

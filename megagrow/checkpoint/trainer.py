@@ -133,16 +133,63 @@ def _load_torch_dist(path: str, model, optimizer, scheduler, args, iteration: in
     # RNG streams belong to a layout; a converted checkpoint has none.
     has_rng = any(k.startswith("rng_state") for k in FileSystemReader(path).read_metadata().state_dict_metadata)
     load_rng = not (args.no_load_rng or args.finetune) and same_layout(saved_args) and has_rng
+    if load_optim:
+        _materialize_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=True,
                                 with_optimizer=load_optim, with_rng=load_rng)
     loaded = dist_checkpointing.load(state, path)
     model.module.load_state_dict(loaded["model"])
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
     return common, saved_args
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its state tensors so that they can be loaded into.
+
+    Without Apex/TE its state_dict() needs Adam's per-parameter 'step', which exists only after a
+    step; megatron-core fills dummy states the same way for its FSDP checkpoints. The dummy step
+    changes parameters, which the load then overwrites.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue  # not the distributed optimizer
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+        if not getattr(opt, "_megagrow_step_patch", False):
+            _keep_torch_adam_step(opt)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core's distributed optimizer (no Apex/TE) restores one 'step' tensor object into every
+    parameter's state; torch's Adam increments each parameter's step in place, so a shared tensor
+    would advance once per parameter per iteration and skew the bias correction."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _keep_torch_adam_step(opt) -> None:
+    """megatron-core 0.16 restores fully_reshardable state into torch's Adam (no Apex/TE) by copying
+    every per-parameter state entry, 'step' included, from tensors that never carry 'step' (it is
+    stored once per group and already set by load_state_dict): pass the current step through."""
+    restore = opt._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        group_index, group_order = opt.model_param_group_index_map[model_param]
+        state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in state and "step" not in tensors:
+            tensors = {**tensors, "step": state["step"]}
+        restore(model_param, tensors)
+
+    opt._set_main_param_and_optimizer_states = set_states
+    opt._megagrow_step_patch = True
 
 
 def _load_torch(path: str, model, optimizer, scheduler, args, iteration: int, same_layout):
