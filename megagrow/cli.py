@@ -41,7 +41,7 @@ def cmd_inspect(a) -> int:
 def cmd_convert(a) -> int:
     from megagrow.checkpoint.convert import convert
     out = convert(a.load, a.save, a.target_tp, a.target_pp, a.ckpt_format, not a.no_optimizer, a.force,
-                  progress=not a.quiet)
+                  progress=not a.quiet, rechunk=a.rechunk)
     print(f"wrote {out}")
     return 0
 
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default=None)
     c.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state")
     c.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
+    c.add_argument("--rechunk", action="store_true",
+                   help="torch_dist to torch_dist: rewrite tensors in the chunks the target ranks would save "
+                        "(default: copy the stored chunks as they are, which is valid at any TP/PP and faster)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
     return p

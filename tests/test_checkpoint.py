@@ -12,7 +12,9 @@ import torch
 
 from conftest import ROOT, free_port, tiny_args, torchrun
 
+# Vocabulary 1024 padded to a multiple of 384 x TP: 1536 at TP=2 and 4, 1152 at TP=1, so conversions re-pad.
 LLAMA = {"--num-attention-heads": "8", "--num-query-groups": "4", "--train-iters": "6", "--exit-interval": "3",
+         "--make-vocab-size-divisible-by": "384",
          "--tensor-model-parallel-size": "2", "--pipeline-model-parallel-size": "2"}
 GPT2 = {"--group-query-attention": None, "--num-query-groups": None, "--swiglu": None, "--normalization": None,
         "--position-embedding-type": None, "--untie-embeddings-and-output-weights": None, "--train-iters": "6",
@@ -81,7 +83,9 @@ def test_distributed_optimizer_state_survives_conversion(data_dir, trained, tmp_
     """Resuming from the converted checkpoint trains exactly as resuming from the source resharded by megatron-core."""
     converted = tmp_path / "tp1pp4"
     megagrow("checkpoint", "convert", "--load", str(trained / "llama_distopt"), "--save", str(converted),
-             "--target-tp", "1", "--target-pp", "4")
+             "--target-tp", "1", "--target-pp", "4", "--rechunk")  # through the streaming writer
+    assert json.loads(megagrow("checkpoint", "inspect", str(converted), "--json").stdout)["model"][
+        "padded_vocab_size"] == 1152
     target = {**LLAMA, "--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "4",
               "--use-distributed-optimizer": ""}
     from_converted = _resume(data_dir, converted, target, tmp_path, "a")

@@ -19,7 +19,6 @@ from megagrow.checkpoint.view import (CheckpointView, Unit, check_target_paralle
 from megagrow.model.layout import resize_vocab_rows
 
 FORMATS = ("torch", "torch_dist")
-_VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def find_iteration_dir(path: str) -> str:
@@ -69,7 +68,7 @@ class VocabResized(CheckpointView):
     def read_globals(self) -> Unit:
         unit = self.inner.read_globals()
         for tensors in unit.values():
-            for name in _VOCAB_TENSORS:
+            for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 if name in tensors:
                     tensors[name] = resize_vocab_rows(tensors[name], self.rows)
         return unit
@@ -117,7 +116,8 @@ def _check_target(save: str, force: bool) -> None:
 
 
 def write_checkpoint(view: CheckpointView, save: str, args, fmt: str, with_optimizer: bool,
-                     force: bool = False, progress: bool = True, label: str = "writing") -> str:
+                     force: bool = False, progress: bool = True, label: str = "writing",
+                     copy_chunks: bool = False) -> str:
     """Write `view` under `save` (`iter_N/` + tracker) via a temporary sibling renamed at the end."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--ckpt-format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -130,7 +130,10 @@ def write_checkpoint(view: CheckpointView, save: str, args, fmt: str, with_optim
     it_dir = iteration_dir(partial, view.iteration)
     bar = Progress(args.num_layers, label, progress)
     try:
-        if fmt == "torch_dist":
+        if copy_chunks:  # torch_dist to torch_dist, tensors unchanged: see dcp_stream.copy_torch_dist
+            from megagrow.checkpoint.dcp_stream import copy_torch_dist
+            copy_torch_dist(view, it_dir, args, with_optimizer, bar)
+        elif fmt == "torch_dist":
             from megagrow.checkpoint.dcp_stream import write_torch_dist
             write_torch_dist(view, it_dir, args, tp, pp, with_optimizer, bar)
         else:
@@ -156,7 +159,12 @@ def write_checkpoint(view: CheckpointView, save: str, args, fmt: str, with_optim
 
 def convert(load: str, save: str, target_tp: int | None = None, target_pp: int | None = None,
             fmt: str | None = None, with_optimizer: bool = True, force: bool = False,
-            progress: bool = True) -> str:
+            progress: bool = True, rechunk: bool = False) -> str:
+    """Rewrite a checkpoint at another TP/PP and/or format.
+
+    torch_dist to torch_dist copies the stored chunks byte for byte (they hold global coordinates,
+    valid at any parallelism) unless `rechunk` asks for the chunks the target ranks would write.
+    """
     if os.path.abspath(load) == os.path.abspath(save):
         raise CheckpointError("--load and --save name the same directory; the source is never modified")
     view = open_checkpoint(load)
@@ -171,10 +179,11 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     pp = target_pp or src.pipeline_model_parallel_size
     fmt = fmt or view.format
     args = target_args(src, tp, pp, fmt, with_optimizer)
-    resized = VocabResized(view, args.padded_vocab_size)
-    return write_checkpoint(resized, save, args, fmt, with_optimizer and view.optimizer is not None, force,
-                            progress, label=f"converting TP{src.tensor_model_parallel_size}/PP"
-                                            f"{src.pipeline_model_parallel_size} -> TP{tp}/PP{pp}")
+    copy_chunks = view.format == fmt == "torch_dist" and not rechunk
+    return write_checkpoint(view if copy_chunks else VocabResized(view, args.padded_vocab_size), save, args, fmt,
+                            with_optimizer and view.optimizer is not None, force, progress,
+                            label=f"converting TP{src.tensor_model_parallel_size}/PP"
+                                  f"{src.pipeline_model_parallel_size} -> TP{tp}/PP{pp}", copy_chunks=copy_chunks)
 
 
 def directory_bytes(path: str) -> int:

@@ -13,10 +13,11 @@ import io
 import json
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType, TensorWriteData
@@ -29,6 +30,7 @@ from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, Checkpo
 from megagrow.model.layout import pipeline_stages, tp_chunk_ranges
 
 OPT_PREFIX = "optimizer.state."
+WRITE_THREADS = min(2, os.cpu_count() or 1)  # each unit's files are written concurrently
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 
@@ -174,7 +176,7 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
                      progress=None) -> None:
     """Write `view` as a torch_dist checkpoint directory for TP=tp, PP=pp (chunks as its ranks would hold)."""
     os.makedirs(out_dir)
-    writer = FileSystemWriter(out_dir, thread_count=1, sync_files=False)
+    writer = FileSystemWriter(out_dir, thread_count=WRITE_THREADS, sync_files=False)
     writer.set_up_storage_writer(is_coordinator=True)
     states = ("model",) + (view.optimizer_states if with_optimizer else ())
     entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
@@ -184,7 +186,13 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
     stage_of = {i: s for s, (start, n) in enumerate(stages) for i in range(start, start + n)}
     file_seq = [0]
 
+    def write(rank: int, items: list, data: dict) -> None:
+        plan = SavePlan(items, storage_data=_StoragePrefix(f"__{rank}_{file_seq[0]}_"))
+        file_seq[0] += 1
+        results.append(writer.write_data(plan, _From(data)).value())
+
     def emit(unit: Unit, stage: int, layer: int | None):
+        """Write a unit: one file per TP rank holding that rank's chunks (views: DCP copies one at a time)."""
         per_rank: dict[int, tuple[list, dict]] = {}
         for state in states:
             for name, tensor in unit.get(state, {}).items():
@@ -195,12 +203,12 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
                 _add_tensor_entry(entries, key, tensor, glob_shape)
                 for r, boxes in enumerate(tp_chunk_ranges(name, tensor.shape, tp, gated(args))):
                     if r > 0 and not boxes_differ(boxes, tensor.shape):
-                        continue  # replicated tensors are written once
+                        break  # replicated tensors are written once
                     items, data = per_rank.setdefault(stage * tp + r, ([], {}))
                     for offsets, sizes in boxes:
                         chunk = tensor
-                        for dim, (o, s) in enumerate(zip(offsets, sizes)):
-                            chunk = chunk.narrow(dim, o, s)
+                        for dim, (o, n) in enumerate(zip(offsets, sizes)):
+                            chunk = chunk.narrow(dim, o, n)
                         if layer is not None:
                             chunk, offsets, sizes = chunk.unsqueeze(0), (layer,) + offsets, (1,) + sizes
                         index = MetadataIndex(key, torch.Size(offsets))
@@ -208,7 +216,7 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
                         items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
                             chunk=entries[key].chunks[-1], properties=TensorProperties(dtype=tensor.dtype),
                             size=torch.Size(glob_shape))))
-                        data[index] = chunk.contiguous()
+                        data[index] = chunk
         if layer is not None:  # the per-layer (empty) extra states megatron-core asks for on load
             items, data = per_rank.setdefault(stage * tp, ([], {}))
             for module in EXTRA_STATE_MODULES:
@@ -220,18 +228,27 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
                 items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
                 data[index] = buf
         for rank, (items, data) in sorted(per_rank.items()):
-            plan = SavePlan(items, storage_data=_StoragePrefix(f"__{rank}_{file_seq[0]}_"))
-            file_seq[0] += 1
-            results.append(writer.write_data(plan, _From(data)).value())
+            write(rank, items, data)
 
     glob = view.read_globals()
     emit(glob, 0, None)  # embedding rows are split by TP; final norm / output layer live on the last stage
     del glob
-    for i in range(args.num_layers):
-        emit(view.read_layer(i), stage_of[i], i)
-        if progress:
-            progress(i + 1)
+    # Read layer i+1 while layer i is written: two layers in memory, disk busy both ways.
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(view.read_layer, 0) if args.num_layers else None
+        for i in range(args.num_layers):
+            unit = pending.result()
+            if i + 1 < args.num_layers:
+                pending = reader.submit(view.read_layer, i + 1)
+            emit(unit, stage_of[i], i)
+            del unit
+            if progress:
+                progress(i + 1)
     writer.finish(Metadata(state_dict_metadata=entries), results)
+    _write_common(view, out_dir, args, with_optimizer)
+
+
+def _write_common(view: CheckpointView, out_dir: str, args, with_optimizer: bool) -> None:
     common = {"checkpoint_version": 3.0, "iteration": view.iteration, "args": args,
               "num_floating_point_operations_so_far": view.extra.get("num_floating_point_operations_so_far", 0)}
     if with_optimizer and view.optimizer is not None:
@@ -241,6 +258,70 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
     torch.save(common, os.path.join(out_dir, "common.pt"))
     with open(os.path.join(out_dir, "metadata.json"), "w") as f:
         json.dump(METADATA_JSON, f)
+
+
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: bool, progress=None) -> None:
+    """torch_dist -> torch_dist at another TP/PP without deserialising tensors.
+
+    Chunks are stored in global coordinates, so they are valid at any parallelism: their bytes are
+    copied as they are (in-kernel, copy_file_range) and a new `.metadata` indexes them. Only `args`
+    change, the layout-bound RNG states are dropped, and embedding/output rows are rewritten when
+    the vocabulary padding differs at the target TP.
+    """
+    from megagrow.model.layout import resize_vocab_rows
+    os.makedirs(out_dir)
+    md = view.metadata
+    keep = {k: v for k, v in md.state_dict_metadata.items()
+            if not k.startswith("rng_state") and (with_optimizer or not k.startswith(OPT_PREFIX))}
+    resized = [k for k, v in keep.items() if isinstance(v, TensorStorageMetadata)
+               and _split_key(k)[1] in VOCAB_TENSORS and v.size[0] != args.padded_vocab_size]
+    by_file: dict[str, list] = {}
+    for index, info in md.storage_data.items():
+        if index.fqn in keep and index.fqn not in resized:
+            by_file.setdefault(info.relative_path, []).append((index, info))
+    storage = {}
+    total = len(by_file)
+    for done, (name, items) in enumerate(sorted(by_file.items()), 1):
+        items.sort(key=lambda x: x[1].offset)
+        with open(os.path.join(view.path, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
+            pos = 0
+            for index, info in items:
+                _copy_range(src.fileno(), dst.fileno(), info.offset, pos, info.length)
+                storage[index] = _StorageInfo(name, pos, info.length, info.transform_descriptors)
+                pos += info.length
+        if progress:
+            progress(done * args.num_layers // total)
+    if resized:  # re-padded vocabulary tensors, written whole into one file of their own
+        writer = FileSystemWriter(out_dir, thread_count=1, sync_files=False)
+        writer.set_up_storage_writer(is_coordinator=True)
+        items, data = [], {}
+        for key in resized:
+            t = resize_vocab_rows(view._read([key], None)[key], args.padded_vocab_size)
+            keep[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape,
+                                              [ChunkStorageMetadata(torch.Size([0] * t.dim()), t.shape)])
+            index = MetadataIndex(key, torch.Size([0] * t.dim()))
+            items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+                chunk=keep[key].chunks[0], properties=keep[key].properties, size=t.shape)))
+            data[index] = t
+        for result in writer.write_data(SavePlan(items, storage_data=_StoragePrefix("__vocab_")), _From(data)).value():
+            storage[result.index] = result.storage_data
+    metadata = Metadata(state_dict_metadata=keep, storage_data=storage)
+    metadata.version = md.version
+    with open(os.path.join(out_dir, ".metadata.tmp"), "wb") as f:
+        pickle.dump(metadata, f)
+    os.replace(os.path.join(out_dir, ".metadata.tmp"), os.path.join(out_dir, ".metadata"))
+    _write_common(view, out_dir, args, with_optimizer)
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
+    while length > 0:
+        n = os.copy_file_range(src, dst, length, src_offset, dst_offset)
+        if n == 0:
+            raise CheckpointError(f"shard file ended {length} bytes early")
+        src_offset, dst_offset, length = src_offset + n, dst_offset + n, length - n
 
 
 def boxes_differ(boxes, shape) -> bool:
