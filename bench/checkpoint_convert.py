@@ -2,8 +2,9 @@
 
 Builds the source checkpoint (Llama-style, random weights, written by megagrow's streaming
 torch_dist writer), then alternates, in the same run on the same files: a plain copy of the source
-directory (shutil.copytree) and `megagrow checkpoint convert` in a child process whose peak RSS is
-read from getrusage. Reports the convert speed as a ratio to the copy (bytes/s over bytes/s: the
+directory (shutil.copytree) and `megagrow checkpoint convert` in a child process whose resident
+memory is sampled. By default convert copies torch_dist chunks byte for byte; --rechunk measures
+the streaming writer (every tensor read, re-split and re-serialised) instead. Reports the convert speed as a ratio to the copy (bytes/s over bytes/s: the
 copy's seconds over the convert's) and its peak RSS as a ratio to the checkpoint's tensor bytes.
 The last line of output is one JSON object.
 
@@ -23,18 +24,28 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from megagrow.checkpoint.convert import directory_bytes, write_checkpoint  # noqa: E402
 from megagrow.checkpoint.view import CheckpointView, OptimizerCommon, expected_shapes, parameter_count  # noqa: E402
 
-RSS_CHILD = """
-import resource, sys
-from megagrow.cli import main
-rc = main(sys.argv[1:])
-print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-sys.exit(rc)
-"""
+def run_sampling_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run cmd, sampling its resident set every 10 ms; returns (result, peak RSS bytes).
+
+    Sampled rather than read from getrusage: a child's ru_maxrss starts from its parent's
+    resident size at fork, which here would be the builder's."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak
 
 
 class RandomView(CheckpointView):
@@ -73,6 +84,8 @@ def main() -> None:
     p.add_argument("--num-attention-heads", type=int, default=16)
     p.add_argument("--num-query-groups", type=int, default=4)
     p.add_argument("--with-optimizer", action="store_true", help="include distributed-optimizer Adam state")
+    p.add_argument("--rechunk", action="store_true",
+                   help="measure the streaming writer (convert --rechunk) instead of the chunk copy")
     a = p.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="megagrow-bench-")
     os.makedirs(work, exist_ok=True)
@@ -103,14 +116,14 @@ def main() -> None:
             shutil.rmtree(conv_dst, ignore_errors=True)
             os.sync()
             t0 = time.time()
-            out = subprocess.run([sys.executable, "-c", RSS_CHILD, "checkpoint", "convert", "--load", src,
-                                  "--save", conv_dst, "--target-tp", "1", "--target-pp", "4", "--quiet"],
-                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            out, peak = run_sampling_rss([sys.executable, "-m", "megagrow.cli", "checkpoint", "convert", "--load", src,
+                                          "--save", conv_dst, "--target-tp", "1", "--target-pp", "4", "--quiet",
+                                          *(["--rechunk"] if a.rechunk else [])])
             os.sync()
             converts.append(time.time() - t0)
             if out.returncode != 0:
                 raise SystemExit(f"convert failed:\n{out.stdout}\n{out.stderr}")
-            rss.append(int(out.stdout.split("peak_rss_kb")[1].split()[0]) * 1024)
+            rss.append(peak)
             shutil.rmtree(conv_dst)
             print(f"round {r + 1}: copy {copies[-1]:.1f} s ({size / copies[-1] / 1e9:.2f} GB/s), convert "
                   f"{converts[-1]:.1f} s ({size / converts[-1] / 1e9:.2f} GB/s), peak RSS {rss[-1] / 1e9:.2f} GB",
@@ -120,7 +133,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     copy_s, convert_s = sorted(copies)[len(copies) // 2], sorted(converts)[len(converts) // 2]  # medians
     print(json.dumps({
-        "parameters": n_params, "checkpoint_bytes": size, "with_optimizer": a.with_optimizer,
+        "parameters": n_params, "checkpoint_bytes": size, "with_optimizer": a.with_optimizer, "rechunk": a.rechunk,
         "copy_seconds": round(copy_s, 2), "convert_seconds": round(convert_s, 2),
         "copy_bytes_per_s": round(size / copy_s), "convert_bytes_per_s": round(size / convert_s),
         "speed_vs_copy": round(copy_s / convert_s, 3),
