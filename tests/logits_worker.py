@@ -32,6 +32,7 @@ def main(root: str, out: str) -> None:
     args.no_load_optim = args.no_load_rng = True
     args.finetune = False
     args.data_parallel_size = 1
+    args.transformer_impl = None  # whichever spec this machine has: checkpoints are spec-independent here
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, "gloo")
     set_seeds(args.seed)
     model = build_gpt_model(args, transformer_config(args), getattr(args, "tokenizer_vocab_size", 1000))

@@ -70,6 +70,30 @@ def test_convert_chain_keeps_logits(trained, tmp_path, family, formats):
     assert len(os.listdir(source)) == 2  # the source is untouched: iter_0000003 and the tracker
 
 
+@pytest.mark.slow
+def test_transformer_engine_key_names_in_torch_format(trained, tmp_path):
+    """A torch-format checkpoint of the TE spec (norms fused into the next linear's keys) reads as the local one."""
+    from megagrow.model.layout import fused_name, split_layer_key
+    te = tmp_path / "te"
+    shutil.copytree(trained / "gpt2", te)
+    for shard in te.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(shard, weights_only=False)
+        renamed = {}
+        for key, value in state["model"].items():
+            split = split_layer_key(key)
+            renamed[f"decoder.layers.{split[0]}.{fused_name(split[1])}" if split else key] = value
+        state["model"], state["args"].transformer_impl = renamed, "transformer_engine"
+        torch.save(state, shard)
+    local, te_again = tmp_path / "local", tmp_path / "te_again"
+    megagrow("checkpoint", "convert", "--load", str(te), "--save", str(local), "--ckpt-format", "torch_dist")
+    assert (logits(local, 4, tmp_path) - logits(trained / "gpt2", 4, tmp_path)).abs().max().item() <= 1e-6
+    megagrow("checkpoint", "convert", "--load", str(local), "--save", str(te_again), "--target-tp", "1",
+             "--target-pp", "1", "--ckpt-format", "torch", "--no-optimizer")
+    keys = torch.load(te_again / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.0.input_layernorm.weight" not in keys
+
+
 def _resume(data_dir, root, flags, tmp_path, name):
     run = torchrun(4, tiny_args(data_dir, **{**flags, "--exit-interval": None, "--load": str(root)}),
                    tmp_path / f"{name}.jsonl")
