@@ -202,3 +202,22 @@ def test_convert_refuses_bad_targets(trained, tmp_path):
                     "no such directory", tmp_path / "o")
     _expect_failure(["checkpoint", "convert", "--load", str(trained / "llama_distopt"), "--save", str(tmp_path / "o"),
                      "--ckpt-format", "torch"], "distributed optimizer", tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_bf16_optimizer_master_copies_survive_conversion(data_dir, tmp_path):
+    """bf16 with the plain optimizer keeps fp32 master copies ('fp32_param'): carried through a rechunked convert."""
+    flags = {**LLAMA, "--bf16": "", "--pipeline-model-parallel-size": "1", "--make-vocab-size-divisible-by": "128"}
+    src, converted = tmp_path / "bf16", tmp_path / "bf16_tp1"
+    run = torchrun(2, tiny_args(data_dir, **flags, **{"--save": str(src)}), tmp_path / "src.jsonl")
+    assert run.returncode == 0, run.output
+    megagrow("checkpoint", "convert", "--load", str(src), "--save", str(converted), "--target-tp", "1", "--rechunk")
+    from megagrow.checkpoint.convert import open_checkpoint
+    assert "fp32_param" in open_checkpoint(str(converted)).optimizer_states
+    target = {**flags, "--tensor-model-parallel-size": "1", "--exit-interval": None}
+    losses = []
+    for root, name in ((converted, "conv"), (src, "from_src")):
+        resumed = torchrun(1, tiny_args(data_dir, **{**target, "--load": str(root)}), tmp_path / f"{name}.jsonl")
+        assert resumed.returncode == 0, resumed.output
+        losses.append(resumed.losses())
+    assert sorted(losses[0]) == [4, 5, 6] and losses[0] == losses[1]

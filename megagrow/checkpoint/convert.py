@@ -65,6 +65,10 @@ class VocabResized(CheckpointView):
         super().__init__(inner.args, inner.iteration, inner.optimizer, inner.extra)
         self.inner, self.rows = inner, rows
 
+    @property
+    def optimizer_states(self) -> tuple[str, ...]:
+        return self.inner.optimizer_states
+
     def read_globals(self) -> Unit:
         unit = self.inner.read_globals()
         for tensors in unit.values():

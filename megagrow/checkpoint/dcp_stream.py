@@ -83,6 +83,11 @@ class TorchDistView(CheckpointView):
                                 if k in common})
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
+        self._states = tuple(sorted({_split_key(k)[0] for k in self.tensors} - {"model"})) if self.optimizer else ()
+
+    @property
+    def optimizer_states(self) -> tuple[str, ...]:
+        return self._states  # whatever the optimizer saved, carried under its own names
 
     def _read(self, keys: list[str], layer: int | None) -> dict[str, torch.Tensor]:
         out, items = {}, []
@@ -148,9 +153,11 @@ def _optimizer_common(opt: dict | None) -> OptimizerCommon | None:
     if "param_state_sharding_type" in opt:  # distributed optimizer
         groups = opt["optimizer"]["param_groups"]
         step = groups[0].get("step", 0) if groups else 0
-        return OptimizerCommon([_hyper(g) for g in groups], float(step), distributed=True)
-    step = opt.get("state", {}).get("common_step", 0)
-    return OptimizerCommon([_hyper(g) for g in opt["param_groups"]], float(step), distributed=False)
+        return OptimizerCommon([_hyper(g) for g in groups], float(step), distributed=True, torch_dist_common=opt)
+    inner = opt.get("optimizer", opt)  # the bf16/fp16 optimizer nests torch's state dict one level down
+    step = inner.get("state", {}).get("common_step", 0)
+    return OptimizerCommon([_hyper(g) for g in inner["param_groups"]], float(step), distributed=False,
+                           torch_dist_common=opt)
 
 
 def _hyper(group: dict) -> dict:
@@ -158,6 +165,8 @@ def _hyper(group: dict) -> dict:
 
 
 def optimizer_common_to_torch_dist(opt: OptimizerCommon) -> dict:
+    if opt.torch_dist_common is not None:
+        return opt.torch_dist_common
     if opt.distributed:
         return {"optimizer": {"param_groups": [{**g, "step": opt.step} for g in opt.param_groups]},
                 "param_state_sharding_type": "fully_reshardable"}

@@ -71,11 +71,13 @@ class TorchView(CheckpointView):
                    if not os.path.isfile(os.path.join(iter_dir, rank_dir(t, p, self.pp), SHARD_FILE))]
         if missing:
             raise CheckpointError(f"{iter_dir}: missing shard {missing[0]}/{SHARD_FILE}")
-        adam, _ = _adam(first.get("optimizer"))
+        adam, fp32_groups = _adam(first.get("optimizer"))
         optimizer = None
         self.unsupported_optimizer = None
         if os.path.exists(os.path.join(iter_dir, names[0], "distrib_optim.pt")):
             self.unsupported_optimizer = "the distributed optimizer's distrib_optim.pt (torch format)"
+        elif fp32_groups is not None:
+            self.unsupported_optimizer = "the bf16/fp16 optimizer's fp32 master copies (torch format)"
         elif adam is not None and adam.get("state"):
             step = next(iter(adam["state"].values())).get("step", 0)
             optimizer = OptimizerCommon([{k: v for k, v in g.items() if k != "params"} for g in adam["param_groups"]],
@@ -174,8 +176,9 @@ def write_torch(view: CheckpointView, out_dir: str, args, tp: int, pp: int, with
     """Write `view` in the legacy torch format at TP=tp, PP=pp, one rank file at a time."""
     impl = getattr(args, "transformer_impl", None) or "local"
     with_optimizer = with_optimizer and view.optimizer is not None
-    if with_optimizer and (view.optimizer.distributed or impl != "local"):
-        what = "the distributed optimizer" if view.optimizer.distributed else "the transformer_engine spec"
+    if with_optimizer and (set(view.optimizer_states) != {"exp_avg", "exp_avg_sq"} or impl != "local"):
+        what = ("the transformer_engine spec" if impl != "local" else "the distributed optimizer"
+                if view.optimizer.distributed else "an optimizer with fp32 master copies (bf16/fp16)")
         raise CheckpointError(f"--ckpt-format torch: optimizer state of {what} is not supported "
                               "(use --ckpt-format torch_dist, or --no-optimizer)")
     stages = _stages(args)

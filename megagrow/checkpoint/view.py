@@ -33,6 +33,7 @@ class OptimizerCommon:
     param_groups: list[dict]  # hyper-parameters per group (decay group first), without 'params'/'step'
     step: float
     distributed: bool  # megatron's distributed optimizer (keeps an fp32 'param' state)
+    torch_dist_common: dict | None = None  # common.pt's 'optimizer' entry as read, rewritten verbatim when possible
 
 
 @dataclass
@@ -48,6 +49,8 @@ class CheckpointView:
 
     @property
     def optimizer_states(self) -> tuple[str, ...]:
+        """Per-parameter optimizer tensors: Adam's moments, plus the fp32 main copy where one is kept
+        ('param' for the distributed optimizer, 'fp32_param' for the bf16/fp16 plain optimizer)."""
         if self.optimizer is None:
             return ()
         return ("param", "exp_avg", "exp_avg_sq") if self.optimizer.distributed else ("exp_avg", "exp_avg_sq")

@@ -16,6 +16,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from megagrow.checkpoint.trainer import load_checkpoint, save_checkpoint
 from megagrow.data.loader import build_datasets, microbatches
@@ -69,6 +70,10 @@ def setup(args) -> TrainState:
     model = build_gpt_model(args, config, tokenizer.vocab_size)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16 or args.fp16,
                                                use_distributed_optimizer=args.use_distributed_optimizer)
+    if args.bf16 or args.fp16:
+        # As Megatron-LM: every parameter in half precision (norms included) and fp32 logits. The
+        # distributed optimizer's parameter bookkeeping assumes no fp32 parameters remain.
+        model = Float16Module(config, model)
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
