@@ -46,6 +46,29 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_grow(a) -> int:
+    from megagrow.growth.grow import grow, plan_report
+    from megagrow.growth.depth import GrowthError
+    width = [f for f in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+             if getattr(a, f) is not None]
+    if width:
+        raise GrowthError(f"--{width[0].replace('_', '-')}: width growth is not implemented yet (depth operators only)")
+    out, plan = grow(a.load, a.save, a.op, a.num_layers, a.target_tp, a.target_pp, a.ckpt_format, a.seed,
+                     not a.no_optimizer, a.force, progress=not a.quiet, rechunk=a.rechunk)
+    print(plan_report(plan))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_ops_list(a) -> int:
+    from megagrow.growth.operators import OPERATORS
+    print(f"{'operator':<12} {'grows':<6} {'function-preserving':<20} what it does")
+    for op in OPERATORS.values():
+        print(f"{op.name:<12} {op.dimension:<6} {'yes' if op.preserves_function else 'no':<20} {op.summary}"
+              + ("" if op.plan else " (not implemented yet)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megagrow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,6 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: copy the stored chunks as they are, which is valid at any TP/PP and faster)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
+
+    g = ck.add_parser("grow", help="grow a checkpoint with a growth operator (megagrow ops list)")
+    g.add_argument("--load", required=True)
+    g.add_argument("--save", required=True)
+    g.add_argument("--op", required=True, help="operator spec, e.g. stack:g=4, lag:p=2,b=1,init=dup, partial:12-3456*5-56")
+    g.add_argument("--num-layers", type=int, default=None, help="depth of the grown model")
+    for flag in ("--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups"):
+        g.add_argument(flag, type=int, default=None, help="width of the grown model")
+    g.add_argument("--target-tp", type=int, default=None)
+    g.add_argument("--target-pp", type=int, default=None)
+    g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default=None)
+    g.add_argument("--seed", type=int, default=None, help="for new random parameters (default: the run's --seed)")
+    g.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state")
+    g.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
+    g.add_argument("--rechunk", action="store_true", help="write through the streaming writer even for pure copies")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_grow)
+
+    ops = sub.add_parser("ops", help="growth operators").add_subparsers(dest="action", required=True)
+    ops.add_parser("list", help="every operator, what it changes, whether it preserves the function").set_defaults(
+        func=cmd_ops_list)
     return p
 
 

@@ -121,7 +121,7 @@ def _check_target(save: str, force: bool) -> None:
 
 def write_checkpoint(view: CheckpointView, save: str, args, fmt: str, with_optimizer: bool,
                      force: bool = False, progress: bool = True, label: str = "writing",
-                     copy_chunks: bool = False) -> str:
+                     copy_chunks: bool = False, layer_map: list[int] | None = None) -> str:
     """Write `view` under `save` (`iter_N/` + tracker) via a temporary sibling renamed at the end."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--ckpt-format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -136,7 +136,7 @@ def write_checkpoint(view: CheckpointView, save: str, args, fmt: str, with_optim
     try:
         if copy_chunks:  # torch_dist to torch_dist, tensors unchanged: see dcp_stream.copy_torch_dist
             from megagrow.checkpoint.dcp_stream import copy_torch_dist
-            copy_torch_dist(view, it_dir, args, with_optimizer, bar)
+            copy_torch_dist(view, it_dir, args, with_optimizer, bar, layer_map)
         elif fmt == "torch_dist":
             from megagrow.checkpoint.dcp_stream import write_torch_dist
             write_torch_dist(view, it_dir, args, tp, pp, with_optimizer, bar)
@@ -172,12 +172,7 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     if os.path.abspath(load) == os.path.abspath(save):
         raise CheckpointError("--load and --save name the same directory; the source is never modified")
     view = open_checkpoint(load)
-    problems = _problems(view)
-    if problems:
-        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems; see "
-                                                         f"megagrow checkpoint inspect)" if len(problems) > 1 else ""))
-    if with_optimizer and getattr(view, "unsupported_optimizer", None):
-        raise CheckpointError(f"{load}: cannot convert {view.unsupported_optimizer}; pass --no-optimizer")
+    check_source(view, with_optimizer)
     src = view.args
     tp = target_tp or src.tensor_model_parallel_size
     pp = target_pp or src.pipeline_model_parallel_size
@@ -188,6 +183,16 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
                             with_optimizer and view.optimizer is not None, force, progress,
                             label=f"converting TP{src.tensor_model_parallel_size}/PP"
                                   f"{src.pipeline_model_parallel_size} -> TP{tp}/PP{pp}", copy_chunks=copy_chunks)
+
+
+def check_source(view: CheckpointView, with_optimizer: bool) -> None:
+    """Refuse an incomplete or inconsistent source before anything is written."""
+    problems = _problems(view)
+    if problems:
+        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems; see "
+                                             f"megagrow checkpoint inspect)" if len(problems) > 1 else ""))
+    if with_optimizer and getattr(view, "unsupported_optimizer", None):
+        raise CheckpointError(f"{view.path}: cannot carry {view.unsupported_optimizer}; pass --no-optimizer")
 
 
 def directory_bytes(path: str) -> int:

@@ -272,25 +272,56 @@ def _write_common(view: CheckpointView, out_dir: str, args, with_optimizer: bool
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: bool, progress=None) -> None:
+def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: bool, progress=None,
+                    layer_map: list[int] | None = None) -> None:
     """torch_dist -> torch_dist at another TP/PP without deserialising tensors.
 
     Chunks are stored in global coordinates, so they are valid at any parallelism: their bytes are
     copied as they are (in-kernel, copy_file_range) and a new `.metadata` indexes them. Only `args`
     change, the layout-bound RNG states are dropped, and embedding/output rows are rewritten when
-    the vocabulary padding differs at the target TP.
+    the vocabulary padding differs at the target TP. `layer_map[i]` = the source layer of new layer
+    i (depth growth by copying): each layer chunk is copied once per new position it fills.
     """
     from megagrow.model.layout import resize_vocab_rows
     os.makedirs(out_dir)
     md = view.metadata
-    keep = {k: v for k, v in md.state_dict_metadata.items()
-            if not k.startswith("rng_state") and (with_optimizer or not k.startswith(OPT_PREFIX))}
+    old_layers = view.num_layers
+    layer_map = list(range(old_layers)) if layer_map is None else layer_map
+    targets: dict[int, list[int]] = {}
+    for new, old in enumerate(layer_map):
+        targets.setdefault(old, []).append(new)
+    keep, renamed = {}, {}  # new metadata entries; source key -> [(new key, old chunk offset -> new)]
+    for key, entry in md.state_dict_metadata.items():
+        if key.startswith("rng_state") or (not with_optimizer and key.startswith(OPT_PREFIX)):
+            continue
+        if not _split_key(key)[1].startswith(LAYER_PREFIX):
+            keep[key] = entry
+        elif isinstance(entry, TensorStorageMetadata):
+            chunks = [ChunkStorageMetadata(torch.Size((new,) + tuple(c.offsets[1:])), c.sizes)
+                      for c in entry.chunks for new in targets.get(c.offsets[0], [])]
+            keep[key] = TensorStorageMetadata(entry.properties, torch.Size((len(layer_map),) + tuple(entry.size[1:])),
+                                              chunks)
+        else:  # per-layer extra state: `<module>._extra_state/shard_<layer>_<layers>`
+            base, layer = key.rsplit("/shard_", 1)[0], int(key.rsplit("/shard_", 1)[1].split("_")[0])
+            for new in targets.get(layer, []):
+                keep[f"{base}/shard_{new}_{len(layer_map)}"] = entry
+            renamed[key] = [f"{base}/shard_{new}_{len(layer_map)}" for new in targets.get(layer, [])]
     resized = [k for k, v in keep.items() if isinstance(v, TensorStorageMetadata)
                and _split_key(k)[1] in VOCAB_TENSORS and v.size[0] != args.padded_vocab_size]
     by_file: dict[str, list] = {}
     for index, info in md.storage_data.items():
-        if index.fqn in keep and index.fqn not in resized:
-            by_file.setdefault(info.relative_path, []).append((index, info))
+        key = index.fqn
+        if key in resized or (key not in keep and key not in renamed):
+            continue
+        if key in renamed:
+            news = [MetadataIndex(k) for k in renamed[key]]
+        elif _split_key(key)[1].startswith(LAYER_PREFIX):
+            news = [MetadataIndex(key, torch.Size((new,) + tuple(index.offset[1:])))
+                    for new in targets.get(index.offset[0], [])]
+        else:
+            news = [index]
+        for new_index in news:
+            by_file.setdefault(info.relative_path, []).append((new_index, info))
     storage = {}
     total = len(by_file)
     for done, (name, items) in enumerate(sorted(by_file.items()), 1):

@@ -26,7 +26,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def _global_init(name: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int,
+def init_global_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int,
                  vocab_size: int) -> torch.Tensor:
     module, param = name.rsplit(".", 2)[-2:]
     if "norm" in module or "norm" in param:  # local spec's *layernorm.weight, TE's layer_norm_weight
@@ -52,7 +52,7 @@ def initialize_parameters(model: torch.nn.Module, config, seed: int, vocab_size:
         name = names[local_name]
         if tied_embeddings and name == "output_layer.weight":
             name = "embedding.word_embeddings.weight"  # last stage's copy of the tied embedding
-        full = _global_init(name, tp_global_shape(param.shape, name, tp_size), seed, config.init_method_std,
+        full = init_global_tensor(name, tp_global_shape(param.shape, name, tp_size), seed, config.init_method_std,
                             config.num_layers, vocab_size)
         param.copy_(tp_local_chunk(full, name, tp_rank, tp_size, config.gated_linear_unit))
         # megatron-core only tags split weights when it initialises them itself; gradient-norm and

@@ -1,0 +1,1 @@
+"""Growth operators: one registry, one spec grammar, written once on the unsharded checkpoint view."""

@@ -1,0 +1,121 @@
+"""Apply a growth operator to a checkpoint: a grown view over the source, written like any checkpoint.
+
+Depth: each layer of the grown model is built from the plan (growth.depth) on the unsharded view,
+optimizer state with it: copied layers keep their Adam moments (and fp32 main copies); a tensor an
+operator sets to zero gets zero moments; a fresh random layer gets zero moments and main copies equal
+to its new weights. Iteration, scheduler and optimizer hyper-parameters carry over. Pure copy plans
+between torch_dist checkpoints copy the stored chunks byte for byte under their new layer indices.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from megagrow.checkpoint.convert import VocabResized, check_source, open_checkpoint, target_args, write_checkpoint
+from megagrow.checkpoint.view import CheckpointView, Unit, expected_shapes
+from megagrow.growth.depth import NewLayer, connection_rate, describe
+from megagrow.growth.operators import depth_plan
+from megagrow.model.init import init_global_tensor
+
+_OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
+                       "mlp.linear_fc2.weight", "mlp.linear_fc2.bias")
+_MAIN_COPIES = ("param", "fp32_param")  # optimizer states that hold the weights themselves
+
+
+def _zeroed(name: str, init: str) -> bool:
+    if init == "zero_out":
+        return name in _OUTPUT_PROJECTIONS
+    if init == "redundant":  # paper 002: the new layer's norm weights and all its biases are zero
+        return "layer_norm" in name or name.endswith(".bias")
+    return False
+
+
+class DepthGrownView(CheckpointView):
+    """The source view seen through a layer plan."""
+
+    def __init__(self, inner: CheckpointView, plan: list[NewLayer], args, seed: int):
+        super().__init__(args, inner.iteration, inner.optimizer, inner.extra)
+        self.inner, self.plan, self.seed = inner, plan, seed
+        self._last: tuple[int | None, Unit | None] = (None, None)
+        self._dtypes: dict[str, torch.dtype] | None = None
+
+    @property
+    def optimizer_states(self) -> tuple[str, ...]:
+        return self.inner.optimizer_states
+
+    def read_globals(self) -> Unit:
+        return self.inner.read_globals()
+
+    def _source(self, index: int) -> Unit:
+        if self._last[0] != index:  # interpolation reads the same layer several times in a row
+            self._last = (index, self.inner.read_layer(index))
+        return {state: dict(tensors) for state, tensors in self._last[1].items()}
+
+    def read_layer(self, index: int) -> Unit:
+        new = self.plan[index]
+        if new.init == "random":
+            return self._random_layer(index)
+        unit = self._source(new.source)
+        for state, tensors in unit.items():
+            for name, t in tensors.items():
+                if _zeroed(name, new.init):
+                    tensors[name] = torch.zeros_like(t)
+        return unit
+
+    def _random_layer(self, index: int) -> Unit:
+        """Initialised as the trainer would (model.init, keyed by seed and the new layer's name)."""
+        if self._dtypes is None:
+            first = self.inner.read_layer(0)
+            self._dtypes = {state: next(iter(t.values())).dtype for state, t in first.items() if t}
+        a = self.args
+        unit: Unit = {"model": {}}
+        for name, shape in expected_shapes(a)[1].items():
+            weight = init_global_tensor(f"decoder.layers.{index}.{name}", shape, self.seed,
+                                        getattr(a, "init_method_std", 0.02), a.num_layers,
+                                        getattr(a, "tokenizer_vocab_size", a.padded_vocab_size))
+            unit["model"][name] = weight.to(self._dtypes["model"])
+            for state in self.optimizer_states:
+                dtype = self._dtypes.get(state, torch.float32)
+                unit.setdefault(state, {})[name] = (weight.to(dtype) if state in _MAIN_COPIES
+                                                    else torch.zeros(shape, dtype=dtype))
+        return unit
+
+
+def grow(load: str, save: str, op: str, num_layers: int | None = None, target_tp: int | None = None,
+         target_pp: int | None = None, fmt: str | None = None, seed: int | None = None, with_optimizer: bool = True,
+         force: bool = False, progress: bool = True, rechunk: bool = False) -> tuple[str, list[NewLayer]]:
+    """Grow the checkpoint at `load` into `save`; returns (iteration directory written, layer plan)."""
+    if os.path.abspath(load) == os.path.abspath(save):
+        from megagrow.growth.depth import GrowthError
+        raise GrowthError("--load and --save name the same directory; the source is never modified")
+    view = open_checkpoint(load)
+    plan = depth_plan(op, view.num_layers, num_layers)
+    check_source(view, with_optimizer)
+    src = view.args
+    tp, pp = target_tp or src.tensor_model_parallel_size, target_pp or src.pipeline_model_parallel_size
+    fmt = fmt or view.format
+    args = target_args(src, tp, pp, fmt, with_optimizer)
+    args.num_layers = len(plan)
+    args.decoder_first_pipeline_num_layers = args.decoder_last_pipeline_num_layers = None
+    seed = getattr(src, "seed", 1234) if seed is None else seed
+    if any(layer.init == "redundant" for layer in plan) and getattr(src, "swiglu", False):
+        print("warning: with SwiGLU a redundant layer's FFN gets no gradient (its zero pre-MLP norm makes silu(0)*0); "
+              "its attention still trains. --op zero (output projections zero) keeps the whole layer trainable.",
+              file=sys.stderr)
+    label = f"growing {src.num_layers} -> {len(plan)} layers ({op})"
+    pure_copy = all(layer.init == "copy" for layer in plan)
+    if pure_copy and view.format == fmt == "torch_dist" and not rechunk:
+        out = write_checkpoint(view, save, args, fmt, with_optimizer and view.optimizer is not None, force, progress,
+                               label, copy_chunks=True, layer_map=[layer.source for layer in plan])
+    else:
+        grown = VocabResized(DepthGrownView(view, plan, args, seed), args.padded_vocab_size)
+        out = write_checkpoint(grown, save, args, fmt, with_optimizer and view.optimizer is not None, force,
+                               progress, label)
+    return out, plan
+
+
+def plan_report(plan: list[NewLayer]) -> str:
+    return f"layers: {describe(plan)}\nconnection rate R_c: {connection_rate(plan):.3f}"

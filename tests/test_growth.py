@@ -1,0 +1,143 @@
+"""Depth growth operators: the papers' layer orders, optimizer state, function preservation, resumed training."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_args, torchrun
+from test_checkpoint import logits, megagrow
+
+from megagrow.growth.depth import GrowthError, connection_rate, describe
+from megagrow.growth.operators import depth_plan
+
+LLAMA6 = {"--num-layers": "6", "--num-attention-heads": "8", "--num-query-groups": "4", "--train-iters": "10",
+          "--exit-interval": "3", "--tensor-model-parallel-size": "2", "--pipeline-model-parallel-size": "2"}
+GPT2_6 = {"--num-layers": "6", "--group-query-attention": None, "--num-query-groups": None, "--swiglu": None,
+          "--normalization": None, "--position-embedding-type": None, "--untie-embeddings-and-output-weights": None,
+          "--train-iters": "10", "--exit-interval": "3", "--tensor-model-parallel-size": "2",
+          "--pipeline-model-parallel-size": "2", "--ckpt-format": "torch"}
+
+
+@pytest.mark.parametrize("spec,layers,expected", [
+    # notes/papers.md, LAG 6 -> 9 (new layers in brackets there; R = random)
+    ("lag:p=1,b=1,init=dup", 9, "1 1 2 2 3 3 4 5 6"),
+    ("lag:p=4,b=3,init=dup", 9, "1 2 3 4 5 6 4 5 6"),
+    ("lag:p=2,b=1,init=random", 9, "1 2 R 3 R 4 R 5 6"),
+    ("lag:p=3,b=3,init=random", 9, "1 2 3 4 5 R R R 6"),
+    ("lag:last", 9, "1 2 3 4 5 6 4 5 6"),
+    # partial stacking, 6 -> 24
+    ("stack:g=4", None, " ".join(["1 2 3 4 5 6"] * 4)),
+    ("partial:123456*4", None, " ".join(["1 2 3 4 5 6"] * 4)),
+    ("partial:12-3456*5-56", None, "1 2 " + " ".join(["3 4 5 6"] * 5) + " 5 6"),
+    ("partial:1-2,3-6*5,5-6", None, "1 2 " + " ".join(["3 4 5 6"] * 5) + " 5 6"),
+    ("partial:12-345*7-6", None, "1 2 " + " ".join(["3 4 5"] * 7) + " 6"),
+    ("partial:123-456*7", None, "1 2 3 " + " ".join(["4 5 6"] * 7)),
+    ("partial:1234-56*10", None, "1 2 3 4 " + " ".join(["5 6"] * 10)),
+    ("partial:12-34*10-56", None, "1 2 " + " ".join(["3 4"] * 10) + " 5 6"),
+    ("partial:1-234*7-56", None, "1 " + " ".join(["2 3 4"] * 7) + " 5 6"),
+    ("partial:123*7-456", None, " ".join(["1 2 3"] * 7) + " 4 5 6"),
+    ("interpolate:g=2", None, "1 1 2 2 3 3 4 4 5 5 6 6"),
+    ("redundant", 9, "1 2 I2 3 4 I4 5 6 I6"),
+    ("zero", 12, "1 Z1 2 Z2 3 Z3 4 Z4 5 Z5 6 Z6"),
+])
+def test_layer_plans_match_the_papers(spec, layers, expected):
+    assert describe(depth_plan(spec, 6, layers)) == expected
+
+
+def test_connection_rate_and_bad_specs():
+    assert connection_rate(depth_plan("stack:g=2", 3, None)) == pytest.approx(0.8)
+    assert connection_rate(depth_plan("interpolate:g=2", 3, None)) == pytest.approx(0.4)
+    for spec, layers, needle in [("grow", 9, "unknown operator"), ("lag:p=1,b=2,init=dup", 9, "b=2 does not divide"),
+                                 ("lag:p=5,b=1", 9, "p=5 is out of range 1..4"), ("lag:p=1,b=1,init=zero", 9, "init"),
+                                 ("zero", 4, "must exceed"), ("stack:g=2", 18, "not --num-layers 18"),
+                                 ("partial:12-78", None, "layer 8 does not exist"), ("partial:1-2,9-9", None, "outside"),
+                                 ("partial:12", None, "cannot shrink"), ("lag:q=1", 9, "unknown parameter")]:
+        with pytest.raises(GrowthError, match=needle):
+            depth_plan(spec, 6, layers)
+
+
+@pytest.fixture(scope="module")
+def small(data_dir, tmp_path_factory):
+    """6-layer checkpoints at iteration 3 of 10, TP=2 PP=2: Llama (torch_dist), GPT-2 (torch format)."""
+    d = tmp_path_factory.mktemp("small")
+    for name, flags in (("llama", LLAMA6), ("gpt2", GPT2_6)):
+        run = torchrun(4, tiny_args(data_dir, **flags, **{"--save": str(d / name)}), d / f"{name}.jsonl")
+        assert run.returncode == 0, run.output
+    return d
+
+
+def _grow(src, dst, op, *extra):
+    return megagrow("checkpoint", "grow", "--load", str(src), "--save", str(dst), "--op", op, "--quiet", *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op,layers,extra", [
+    ("stack:g=2", None, ["--target-tp", "1", "--target-pp", "4"]),                      # chunk copy path
+    ("lag:p=2,b=1,init=dup", "9", ["--target-pp", "3", "--rechunk"]),                   # streaming torch_dist
+    ("lag:p=3,b=3,init=random", "9", ["--target-tp", "1", "--target-pp", "1", "--ckpt-format", "torch"]),
+])
+def test_grown_layers_tensor_by_tensor(small, tmp_path, op, layers, extra):
+    from megagrow.checkpoint.convert import open_checkpoint
+    out = tmp_path / "grown"
+    _grow(small / "llama", out, op, *(["--num-layers", layers] if layers else []), *extra)
+    src, grown = open_checkpoint(str(small / "llama")), open_checkpoint(str(out))
+    plan = depth_plan(op, 6, int(layers) if layers else None)
+    assert grown.num_layers == len(plan) and grown.iteration == 3 and grown.optimizer.step == src.optimizer.step
+    sources = [src.read_layer(i) for i in range(6)]
+    for i, new in enumerate(plan):
+        unit = grown.read_layer(i)
+        assert set(unit) == {"model", "exp_avg", "exp_avg_sq"}
+        if new.init == "copy":  # weights and Adam moments are the source layer's, exactly
+            for state, tensors in sources[new.source].items():
+                for name, t in tensors.items():
+                    assert torch.equal(unit[state][name], t), (i, state, name)
+        else:  # a fresh layer: new weights, zero moments
+            qkv = unit["model"]["self_attention.linear_qkv.weight"]
+            assert all(not torch.equal(qkv, s["model"]["self_attention.linear_qkv.weight"]) for s in sources)
+            assert 0.01 < qkv.std().item() < 0.03
+            assert all(t.abs().sum() == 0 for t in unit["exp_avg"].values())
+    g_src, g_new = src.read_globals(), grown.read_globals()
+    for state in g_src:
+        for name, t in g_src[state].items():
+            assert torch.equal(g_new[state][name], t)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_function_preserving_operators_keep_logits(small, tmp_path, family):
+    reference = logits(small / family, 4, tmp_path)
+    for op, layers, extra, nproc in (("zero", "8", ["--target-tp", "1", "--target-pp", "4"], 4),
+                                     ("redundant", "9", ["--target-pp", "3", "--target-tp", "1"], 3)):
+        out = tmp_path / f"{family}_{op}"
+        _grow(small / family, out, op, "--num-layers", layers, *extra)
+        got = logits(out, nproc, tmp_path)
+        assert (got - reference).abs().max().item() <= 1e-5, op
+
+
+@pytest.mark.slow
+def test_training_resumes_from_a_grown_checkpoint(data_dir, small, tmp_path):
+    out = tmp_path / "stacked"
+    _grow(small / "llama", out, "stack:g=2")
+    run = torchrun(4, tiny_args(data_dir, **{**LLAMA6, "--num-layers": "12", "--exit-interval": None,
+                                             "--load": str(out), "--save": str(out)}), tmp_path / "m.jsonl")
+    assert run.returncode == 0, run.output
+    losses = run.losses()
+    assert sorted(losses) == list(range(4, 11))
+    assert losses[10] < losses[4]
+    assert open(out / "latest_checkpointed_iteration.txt").read() == "10"
+
+
+def test_grow_refuses_bad_input_in_one_line(small, tmp_path):
+    out = tmp_path / "o"
+    for argv, needle in [(["--op", "lag:p=1,b=2"], "needs --num-layers"),
+                         (["--op", "lag:p=1,b=2", "--num-layers", "9"], "b=2 does not divide k=3"),
+                         (["--op", "bogus", "--num-layers", "9"], "unknown operator"),
+                         (["--op", "zero", "--num-layers", "5"], "must exceed"),
+                         (["--op", "stack:g=2", "--target-pp", "5"], "12 layers do not split into 5"),
+                         (["--op", "stack:g=2", "--target-tp", "3"], "not divisible by 3"),
+                         (["--op", "stack:g=2", "--hidden-size", "128"], "width growth is not implemented")]:
+        res = megagrow("checkpoint", "grow", "--load", str(small / "llama"), "--save", str(out), *argv, check=False)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], (argv, res.stderr)
+        assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
