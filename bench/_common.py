@@ -117,3 +117,28 @@ def against_copy(rounds: int, src: str, copies: int, tool: list[str], out: str, 
     return {"copy_seconds": round(median(copy_s), 2), f"{label}_seconds": round(median(tool_s), 2),
             "output_bytes": out_bytes, f"{label}_bytes_per_s": round(out_bytes / median(tool_s)),
             "speed_vs_copy": round(median(copy_s) / median(tool_s), 3), "peak_rss_bytes": max(rss)}
+
+
+def bench_main(doc: str, label: str, copies: int, out_name: str, tool_argv) -> None:
+    """Parse the common flags, build the source, time `megagrow <tool_argv(src, out)>` against copies,
+    print the figures' JSON line (peak RSS relative to the source checkpoint's bytes)."""
+    import json
+    import tempfile
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_model_flags(p)
+    p.add_argument("--rechunk", action="store_true", help="measure the streaming writer instead of the chunk copy")
+    a = p.parse_args()
+    work = a.workdir or tempfile.mkdtemp(prefix="megagrow-bench-")
+    os.makedirs(work, exist_ok=True)
+    src, out = os.path.join(work, "src_tp2pp2"), os.path.join(work, out_name)
+    try:
+        n_params, size = build_source(a, src)
+        tool = [sys.executable, "-m", "megagrow.cli", *tool_argv(src, out), "--quiet",
+                *(["--rechunk"] if a.rechunk else [])]
+        figures = against_copy(a.rounds, src, copies, tool, out, work, label)
+    finally:
+        if a.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"parameters": n_params, "source_bytes": size, "with_optimizer": a.with_optimizer,
+                      "rechunk": a.rechunk, **figures,
+                      "peak_rss_vs_model": round(figures["peak_rss_bytes"] / size, 3)}))
