@@ -141,3 +141,23 @@ def test_grow_refuses_bad_input_in_one_line(small, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], (argv, res.stderr)
         assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
+
+
+@pytest.mark.slow
+def test_redundant_layers_wake_up_in_training(data_dir, small, tmp_path):
+    """Paper 002's identity layers must train: with GeLU every new-layer tensor moves after two steps.
+    (With SwiGLU the zero pre-MLP norm starves the FFN; `grow` warns and `zero` is the variant to use.)"""
+    from megagrow.checkpoint.convert import open_checkpoint
+    out = tmp_path / "redundant"
+    _grow(small / "gpt2", out, "redundant", "--num-layers", "9", "--target-tp", "1", "--target-pp", "1",
+          "--ckpt-format", "torch_dist")
+    before = open_checkpoint(str(out)).read_layer(2)["model"]  # I2: the first inserted layer
+    run = torchrun(1, tiny_args(data_dir, **{**GPT2_6, "--num-layers": "9", "--tensor-model-parallel-size": "1",
+                                             "--pipeline-model-parallel-size": "1", "--ckpt-format": "torch_dist",
+                                             "--exit-interval": None, "--train-iters": "5", "--load": str(out),
+                                             "--save": str(out)}), tmp_path / "r.jsonl")
+    assert run.returncode == 0, run.output
+    after = open_checkpoint(str(out)).read_layer(2)["model"]
+    assert before["self_attention.linear_qkv.layer_norm_weight"].abs().sum() == 0
+    for name, t in before.items():
+        assert not torch.equal(t, after[name]), f"{name} of the inserted layer did not train"
