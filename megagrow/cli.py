@@ -49,10 +49,15 @@ def cmd_convert(a) -> int:
 def cmd_grow(a) -> int:
     from megagrow.growth.grow import grow, plan_report
     from megagrow.growth.depth import GrowthError
-    width = [f for f in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-             if getattr(a, f) is not None]
-    if width:
-        raise GrowthError(f"--{width[0].replace('_', '-')}: width growth is not implemented yet (depth operators only)")
+    sizes = {f: getattr(a, f) for f in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")}
+    if any(v is not None for v in sizes.values()):
+        if a.num_layers is not None:
+            raise GrowthError("grow depth (--num-layers) and width (--hidden-size ...) in two steps, one operator each")
+        from megagrow.growth.grow import grow_width
+        out = grow_width(a.load, a.save, a.op, sizes, a.target_tp, a.target_pp, a.ckpt_format, a.seed,
+                         not a.no_optimizer, a.force, progress=not a.quiet)
+        print(f"wrote {out}")
+        return 0
     out, plan = grow(a.load, a.save, a.op, a.num_layers, a.target_tp, a.target_pp, a.ckpt_format, a.seed,
                      not a.no_optimizer, a.force, progress=not a.quiet, rechunk=a.rechunk)
     print(plan_report(plan))
@@ -62,10 +67,14 @@ def cmd_grow(a) -> int:
 
 def cmd_ops_list(a) -> int:
     from megagrow.growth.operators import OPERATORS
+    from megagrow.growth.width import WIDTH_OPERATORS
     print(f"{'operator':<12} {'grows':<6} {'function-preserving':<20} what it does")
-    for op in OPERATORS.values():
-        print(f"{op.name:<12} {op.dimension:<6} {'yes' if op.preserves_function else 'no':<20} {op.summary}"
-              + ("" if op.plan else " (not implemented yet)"))
+    rows = [(op.name, op.dimension, op.preserves_function, op.summary) for op in OPERATORS.values()]
+    rows += [(name, "width", keeps, summary) for name, (keeps, summary) in WIDTH_OPERATORS.items()]
+    for name, dimension, keeps, summary in rows:
+        print(f"{name:<12} {dimension:<6} {'yes' if keeps else 'no':<20} {summary}")
+    print("depth operators take --num-layers; width operators take --hidden-size/--ffn-hidden-size/"
+          "--num-attention-heads/--num-query-groups")
     return 0
 
 

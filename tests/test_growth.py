@@ -136,7 +136,11 @@ def test_grow_refuses_bad_input_in_one_line(small, tmp_path):
                          (["--op", "zero", "--num-layers", "5"], "must exceed"),
                          (["--op", "stack:g=2", "--target-pp", "5"], "12 layers do not split into 5"),
                          (["--op", "stack:g=2", "--target-tp", "3"], "not divisible by 3"),
-                         (["--op", "stack:g=2", "--hidden-size", "128"], "width growth is not implemented")]:
+                         (["--op", "stack:g=2", "--num-layers", "12", "--hidden-size", "128"], "two steps"),
+                         (["--op", "fpi", "--hidden-size", "96"], "not a whole multiple of 64"),
+                         (["--op", "zero", "--hidden-size", "32"], "cannot shrink"),
+                         (["--op", "zero", "--num-attention-heads", "12"], "must keep 2 heads per query group"),
+                         (["--op", "nope", "--hidden-size", "128"], "unknown width operator")]:
         res = megagrow("checkpoint", "grow", "--load", str(small / "llama"), "--save", str(out), *argv, check=False)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], (argv, res.stderr)
@@ -161,3 +165,44 @@ def test_redundant_layers_wake_up_in_training(data_dir, small, tmp_path):
     assert before["self_attention.linear_qkv.layer_norm_weight"].abs().sum() == 0
     for name, t in before.items():
         assert not torch.equal(t, after[name]), f"{name} of the inserted layer did not train"
+
+
+WIDE = ["--hidden-size", "128", "--ffn-hidden-size", "384", "--num-attention-heads", "16", "--num-query-groups", "8"]
+
+
+@pytest.mark.slow
+def test_width_growth_keeps_logits_and_scales_moments(small, tmp_path):
+    from megagrow.checkpoint.convert import open_checkpoint
+    reference = logits(small / "llama", 4, tmp_path)
+    fpi, zero = tmp_path / "fpi", tmp_path / "zero"
+    _grow(small / "llama", fpi, "fpi", *WIDE, "--target-tp", "4", "--target-pp", "1")
+    _grow(small / "llama", zero, "zero", "--hidden-size", "96", "--ffn-hidden-size", "256",
+          "--num-attention-heads", "12", "--num-query-groups", "6", "--target-tp", "2", "--target-pp", "1")
+    for root in (fpi, zero):
+        assert (logits(root, 2 if root == zero else 4, tmp_path) - reference).abs().max().item() <= 1e-5, root
+    # Net2Net moments: duplicated units copy them, weights divided by 2 carry m/2 and v/4.
+    old, new = open_checkpoint(str(small / "llama")).read_layer(1), open_checkpoint(str(fpi)).read_layer(1)
+    fc2 = "mlp.linear_fc2.weight"
+    assert torch.allclose(new["exp_avg"][fc2][:64, 192:], old["exp_avg"][fc2] / 2)
+    assert torch.allclose(new["exp_avg_sq"][fc2][64:, :192], old["exp_avg_sq"][fc2] / 4)
+    assert torch.equal(new["exp_avg"]["mlp.linear_fc1.weight"][384:576, :64], old["exp_avg"]["mlp.linear_fc1.weight"][192:, :64] / 2)
+
+
+@pytest.mark.slow
+def test_width_growth_of_a_tied_layernorm_model_and_training_after(data_dir, small, tmp_path):
+    """GPT-2: fpi grows FFN and heads exactly; tied embeddings refuse an fpi hidden growth; training resumes."""
+    reference = logits(small / "gpt2", 4, tmp_path)
+    out = tmp_path / "gpt2_fpi"
+    _grow(small / "gpt2", out, "fpi", "--ffn-hidden-size", "512", "--num-attention-heads", "8")
+    assert (logits(out, 4, tmp_path) - reference).abs().max().item() <= 1e-5
+    res = megagrow("checkpoint", "grow", "--load", str(small / "gpt2"), "--save", str(tmp_path / "x"), "--op", "fpi",
+                   "--hidden-size", "128", check=False)
+    assert res.returncode == 1 and "tied embeddings" in res.stderr
+    # Heads grow in number, not size: the grown model states its head size (--kv-channels 16).
+    wider = {**GPT2_6, "--ffn-hidden-size": "512", "--num-attention-heads": "8", "--exit-interval": None}
+    run = torchrun(4, tiny_args(data_dir, **wider, **{"--load": str(out)}), tmp_path / "w0.jsonl")
+    assert run.returncode != 0 and "checkpoint has --kv-channels 16" in run.output
+    run = torchrun(4, tiny_args(data_dir, **wider, **{"--kv-channels": "16", "--load": str(out)}), tmp_path / "w.jsonl")
+    assert run.returncode == 0, run.output
+    losses = run.losses()
+    assert sorted(losses) == list(range(4, 11)) and losses[10] < losses[4]

@@ -27,7 +27,7 @@ from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
 
 CHECKPOINT_VERSION = 3.0
 # Architecture fields a checkpoint must agree on to be loaded into a model (parallelism may differ).
-MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
                     "swiglu", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights",
                     "add_bias_linear")
 

@@ -117,5 +117,42 @@ def grow(load: str, save: str, op: str, num_layers: int | None = None, target_tp
     return out, plan
 
 
+def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None = None,
+               target_pp: int | None = None, fmt: str | None = None, seed: int | None = None,
+               with_optimizer: bool = True, force: bool = False, progress: bool = True) -> str:
+    """Grow hidden/FFN size and heads (whole query groups); `sizes` holds the new values of
+    hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups (None: unchanged)."""
+    from megagrow.checkpoint.view import kv_channels
+    from megagrow.growth.width import WidthGrownView, WidthPlan
+    if os.path.abspath(load) == os.path.abspath(save):
+        from megagrow.growth.depth import GrowthError
+        raise GrowthError("--load and --save name the same directory; the source is never modified")
+    view = open_checkpoint(load)
+    src = view.args
+    tp, pp = target_tp or src.tensor_model_parallel_size, target_pp or src.pipeline_model_parallel_size
+    args = target_args(src, tp, pp, fmt or view.format, with_optimizer)
+    args.kv_channels = kv_channels(src)  # heads grow in number, not in size
+    for key, value in sizes.items():
+        if value is not None:
+            setattr(args, key, value)
+    if sizes.get("num_query_groups") is not None:
+        args.group_query_attention = True
+    elif not getattr(args, "group_query_attention", False):
+        args.num_query_groups = args.num_attention_heads  # multi-head attention: one group per head, as the trainer sets
+    plan = WidthPlan(src, args, op.partition(":")[0])
+    if plan.norm_scale != 1.0:
+        # RMSNorm over H dims of which h are non-zero: mean(x^2) shrinks by h/H, and so must epsilon.
+        args.norm_epsilon = getattr(src, "norm_epsilon", 1e-5) * src.hidden_size / args.hidden_size
+        print(f"note: --norm-epsilon scaled to {args.norm_epsilon:.6g} (recorded in the checkpoint's args) so that "
+              "the grown model computes the same function; pass it when training the grown model", file=sys.stderr)
+    check_source(view, with_optimizer)
+    seed = getattr(src, "seed", 1234) if seed is None else seed
+    grown = VocabResized(WidthGrownView(view, plan, args, seed), args.padded_vocab_size)
+    label = f"growing width h {src.hidden_size} -> {args.hidden_size}, ffn {src.ffn_hidden_size} -> " \
+            f"{args.ffn_hidden_size}, heads {src.num_attention_heads} -> {args.num_attention_heads} ({op})"
+    return write_checkpoint(grown, save, args, fmt or view.format, with_optimizer and view.optimizer is not None,
+                            force, progress, label)
+
+
 def plan_report(plan: list[NewLayer]) -> str:
     return f"layers: {describe(plan)}\nconnection rate R_c: {connection_rate(plan):.3f}"
