@@ -7,14 +7,13 @@ operator's view of one) to a new checkpoint directory, atomically; `convert` is 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import shutil
 import sys
 import time
 
-from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
-from megagrow.checkpoint.view import (CheckpointView, Unit, check_target_parallelism, expected_shapes,
+from megagrow.checkpoint.errors import TRACKER, CheckpointError, detect_format, iteration_dir, read_tracker
+from megagrow.checkpoint.view import (CheckpointView, DerivedView, Unit, check_target_parallelism, expected_shapes,
                                       parameter_count, query_groups, tied, vocab_rows)
 from megagrow.model.layout import resize_vocab_rows
 
@@ -38,36 +37,25 @@ def find_iteration_dir(path: str) -> str:
     return it_dir
 
 
-def detect_format(it_dir: str) -> str | None:
-    if os.path.isfile(os.path.join(it_dir, "metadata.json")) or os.path.isfile(os.path.join(it_dir, ".metadata")):
-        return "torch_dist"
-    if any(n.startswith("mp_rank_") for n in os.listdir(it_dir)):
-        return "torch"
-    return None
-
-
 def open_checkpoint(path: str) -> CheckpointView:
     it_dir = find_iteration_dir(path)
-    if detect_format(it_dir) == "torch_dist":
+    fmt = detect_format(it_dir)
+    if fmt == "torch_dist":
         from megagrow.checkpoint.dcp_stream import TorchDistView
         view = TorchDistView(it_dir)
     else:
         from megagrow.checkpoint.legacy_stream import TorchView
         view = TorchView(it_dir)
-    view.format = detect_format(it_dir)
+    view.format = fmt
     return view
 
 
-class VocabResized(CheckpointView):
+class VocabResized(DerivedView):
     """A view whose embedding/output rows are padded (or unpadded) for a target TP."""
 
     def __init__(self, inner: CheckpointView, rows: int):
-        super().__init__(inner.args, inner.iteration, inner.optimizer, inner.extra)
-        self.inner, self.rows = inner, rows
-
-    @property
-    def optimizer_states(self) -> tuple[str, ...]:
-        return self.inner.optimizer_states
+        super().__init__(inner)
+        self.rows = rows
 
     def read_globals(self) -> Unit:
         unit = self.inner.read_globals()
@@ -77,8 +65,10 @@ class VocabResized(CheckpointView):
                     tensors[name] = resize_vocab_rows(tensors[name], self.rows)
         return unit
 
-    def read_layer(self, index: int) -> Unit:
-        return self.inner.read_layer(index)
+
+def refuse_same_directory(load: str, save: str) -> None:
+    if os.path.abspath(load) == os.path.abspath(save):
+        raise CheckpointError("--load and --save name the same directory; the source is never modified")
 
 
 def target_args(args, tp: int, pp: int, fmt: str, with_optimizer: bool):
@@ -169,8 +159,7 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     torch_dist to torch_dist copies the stored chunks byte for byte (they hold global coordinates,
     valid at any parallelism) unless `rechunk` asks for the chunks the target ranks would write.
     """
-    if os.path.abspath(load) == os.path.abspath(save):
-        raise CheckpointError("--load and --save name the same directory; the source is never modified")
+    refuse_same_directory(load, save)
     view = open_checkpoint(load)
     check_source(view, with_optimizer)
     src = view.args

@@ -29,6 +29,15 @@ def read_tracker(root: str) -> int | None:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
 
 
+def detect_format(it_dir: str) -> str | None:
+    """'torch_dist', 'torch' (legacy mp_rank_* shards) or None, for one iteration directory."""
+    if os.path.isfile(os.path.join(it_dir, "metadata.json")) or os.path.isfile(os.path.join(it_dir, ".metadata")):
+        return "torch_dist"
+    if any(n.startswith("mp_rank_") for n in os.listdir(it_dir)):
+        return "torch"
+    return None
+
+
 def check_loadable(root: str, same_as_save: bool = False) -> None:
     """Fail fast on a --load that is not a checkpoint directory.
 
@@ -44,6 +53,5 @@ def check_loadable(root: str, same_as_save: bool = False) -> None:
     path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {root}: {TRACKER} names {os.path.basename(path)}, which does not exist")
-    if not os.path.isfile(os.path.join(path, "metadata.json")) and not any(
-            n.startswith("mp_rank_") for n in os.listdir(path)):
+    if detect_format(path) is None:
         raise CheckpointError(f"--load {root}: {path} holds neither a torch_dist nor a torch checkpoint")

@@ -228,7 +228,6 @@ def write_torch(view: CheckpointView, out_dir: str, args, tp: int, pp: int, with
             d = os.path.join(out_dir, rank_dir(r, s, pp))
             os.makedirs(d)
             torch.save(state, os.path.join(d, SHARD_FILE))
-            del model, optim, state
 
 
 def _adam_state_dict(model: dict, optim: dict, common: OptimizerCommon) -> dict:

@@ -22,7 +22,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from torch.distributed.checkpoint import FileSystemReader
 
-from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
+from megagrow.checkpoint.errors import TRACKER, CheckpointError, detect_format, iteration_dir, read_tracker
 from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
 
 CHECKPOINT_VERSION = 3.0
@@ -227,7 +227,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, 
         return all(getattr(saved_args, n, None) == getattr(args, n) for n in
                    ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size"))
 
-    load = _load_torch_dist if os.path.isfile(os.path.join(path, "metadata.json")) else _load_torch
+    load = _load_torch_dist if detect_format(path) == "torch_dist" else _load_torch
     common, saved_args = load(path, model, optimizer, scheduler, args, iteration, same_layout)
     if args.finetune:
         return 0, 0

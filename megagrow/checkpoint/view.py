@@ -65,6 +65,29 @@ class CheckpointView:
         pass
 
 
+class DerivedView(CheckpointView):
+    """A view computed from another (re-padded, grown...): same iteration and optimizer, new args.
+
+    Reads pass through to `inner` unless a subclass transforms them; so does closing."""
+
+    def __init__(self, inner: CheckpointView, args=None):
+        super().__init__(inner.args if args is None else args, inner.iteration, inner.optimizer, inner.extra)
+        self.inner = inner
+
+    @property
+    def optimizer_states(self) -> tuple[str, ...]:
+        return self.inner.optimizer_states
+
+    def read_globals(self) -> Unit:
+        return self.inner.read_globals()
+
+    def read_layer(self, index: int) -> Unit:
+        return self.inner.read_layer(index)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def gated(args) -> bool:
     return bool(getattr(args, "swiglu", False))
 

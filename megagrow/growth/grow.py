@@ -9,13 +9,13 @@ between torch_dist checkpoints copy the stored chunks byte for byte under their 
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-from megagrow.checkpoint.convert import VocabResized, check_source, open_checkpoint, target_args, write_checkpoint
-from megagrow.checkpoint.view import CheckpointView, Unit, expected_shapes
+from megagrow.checkpoint.convert import (VocabResized, check_source, open_checkpoint, refuse_same_directory,
+                                         target_args, write_checkpoint)
+from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, expected_shapes
 from megagrow.growth.depth import NewLayer, connection_rate, describe
 from megagrow.growth.operators import depth_plan
 from megagrow.model.init import init_global_tensor
@@ -33,21 +33,14 @@ def _zeroed(name: str, init: str) -> bool:
     return False
 
 
-class DepthGrownView(CheckpointView):
-    """The source view seen through a layer plan."""
+class DepthGrownView(DerivedView):
+    """The source view seen through a layer plan (globals pass through)."""
 
     def __init__(self, inner: CheckpointView, plan: list[NewLayer], args, seed: int):
-        super().__init__(args, inner.iteration, inner.optimizer, inner.extra)
-        self.inner, self.plan, self.seed = inner, plan, seed
+        super().__init__(inner, args)
+        self.plan, self.seed = plan, seed
         self._last: tuple[int | None, Unit | None] = (None, None)
         self._dtypes: dict[str, torch.dtype] | None = None
-
-    @property
-    def optimizer_states(self) -> tuple[str, ...]:
-        return self.inner.optimizer_states
-
-    def read_globals(self) -> Unit:
-        return self.inner.read_globals()
 
     def _source(self, index: int) -> Unit:
         if self._last[0] != index:  # interpolation reads the same layer several times in a row
@@ -88,9 +81,7 @@ def grow(load: str, save: str, op: str, num_layers: int | None = None, target_tp
          target_pp: int | None = None, fmt: str | None = None, seed: int | None = None, with_optimizer: bool = True,
          force: bool = False, progress: bool = True, rechunk: bool = False) -> tuple[str, list[NewLayer]]:
     """Grow the checkpoint at `load` into `save`; returns (iteration directory written, layer plan)."""
-    if os.path.abspath(load) == os.path.abspath(save):
-        from megagrow.growth.depth import GrowthError
-        raise GrowthError("--load and --save name the same directory; the source is never modified")
+    refuse_same_directory(load, save)
     view = open_checkpoint(load)
     plan = depth_plan(op, view.num_layers, num_layers)
     check_source(view, with_optimizer)
@@ -124,9 +115,7 @@ def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None
     hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups (None: unchanged)."""
     from megagrow.checkpoint.view import kv_channels
     from megagrow.growth.width import WidthGrownView, WidthPlan
-    if os.path.abspath(load) == os.path.abspath(save):
-        from megagrow.growth.depth import GrowthError
-        raise GrowthError("--load and --save name the same directory; the source is never modified")
+    refuse_same_directory(load, save)
     view = open_checkpoint(load)
     src = view.args
     tp, pp = target_tp or src.tensor_model_parallel_size, target_pp or src.pipeline_model_parallel_size

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from megagrow.checkpoint.view import CheckpointView, Unit, expected_shapes, kv_channels, query_groups, tied
+from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, expected_shapes, kv_channels, query_groups, tied
 from megagrow.growth.depth import GrowthError
 from megagrow.model.init import init_global_tensor
 
@@ -152,14 +152,10 @@ class WidthPlan:
         return t
 
 
-class WidthGrownView(CheckpointView):
+class WidthGrownView(DerivedView):
     def __init__(self, inner: CheckpointView, plan: WidthPlan, args, seed: int):
-        super().__init__(args, inner.iteration, inner.optimizer, inner.extra)
-        self.inner, self.plan, self.seed = inner, plan, seed
-
-    @property
-    def optimizer_states(self) -> tuple[str, ...]:
-        return self.inner.optimizer_states
+        super().__init__(inner, args)
+        self.plan, self.seed = plan, seed
 
     def _unit(self, unit: Unit, shapes: dict, prefix: str) -> Unit:
         a = self.args
