@@ -17,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 from megagrow.checkpoint.convert import open_checkpoint  # noqa: E402
 from megagrow.checkpoint.trainer import load_checkpoint  # noqa: E402
 from megagrow.model.gpt import build_gpt_model, transformer_config  # noqa: E402
+from megagrow.model.growth_masks import install_growth_masks  # noqa: E402
 from megagrow.runtime.distributed import destroy, initialize_distributed, is_last_rank, set_seeds  # noqa: E402
 
 
@@ -36,7 +37,8 @@ def main(root: str, out: str) -> None:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, "gloo")
     set_seeds(args.seed)
     model = build_gpt_model(args, transformer_config(args), getattr(args, "tokenizer_vocab_size", 1000))
-    load_checkpoint(root, _Wrapped(model), None, None, args)
+    iteration, _ = load_checkpoint(root, _Wrapped(model), None, None, args)
+    install_growth_masks(model, args, iteration)  # masked width growth: as the trainer would resume it
     model.eval()
     g = torch.Generator().manual_seed(0)
     vocab = getattr(args, "tokenizer_vocab_size", 1000)

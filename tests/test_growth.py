@@ -206,3 +206,69 @@ def test_width_growth_of_a_tied_layernorm_model_and_training_after(data_dir, sma
     assert run.returncode == 0, run.output
     losses = run.losses()
     assert sorted(losses) == list(range(4, 11)) and losses[10] < losses[4]
+
+
+def test_mask_schedules_follow_the_papers():
+    from megagrow.model.growth_masks import mask_values
+    # pdg, eq. 5-6: 4 -> 10 dims over iterations 10..13: r = floor(6/3) = 2 dims per step, all open at G_e.
+    assert mask_values("pdg", 4, 10, 10, 13, 10).tolist() == [1] * 4 + [0] * 6
+    assert mask_values("pdg", 4, 10, 10, 13, 12).tolist() == [1] * 8 + [0] * 2
+    assert mask_values("pdg", 4, 10, 10, 13, 13).tolist() == [1] * 10
+    assert mask_values("pdg", 2, 4, 0, 4, 1).tolist() == [1, 1, 0, 0]  # fewer new than steps: evenly
+    assert mask_values("pdg", 2, 4, 0, 4, 2).tolist() == [1, 1, 1, 0]
+    # msg: every new index ramps together.
+    assert mask_values("msg", 2, 4, 10, 14, 11).tolist() == [1, 1, 0.25, 0.25]
+
+
+@pytest.mark.slow
+def test_masked_and_upper_layer_width_growth(data_dir, small, tmp_path):
+    """msg/pdg at mask 0 keep the logits (Llama: RMSNorm, GQA, SwiGLU; GPT-2: LayerNorm, tied, torch format);
+    aki takes new units from the layer above; training opens the masks and drops them when open."""
+    from megagrow.checkpoint.convert import open_checkpoint
+    for family, op, sizes, layout in [
+        ("llama", "pdg:steps=4", ["--hidden-size", "96", "--ffn-hidden-size", "256", "--num-attention-heads", "12",
+                                   "--num-query-groups", "6"], ["--target-tp", "2", "--target-pp", "1"]),
+        ("gpt2", "msg:steps=4", ["--hidden-size", "128", "--ffn-hidden-size", "384", "--num-attention-heads", "8"],
+         ["--target-tp", "1", "--target-pp", "2"]),
+    ]:
+        out = tmp_path / f"{family}_{op[:3]}"
+        res = _grow(small / family, out, op, *sizes, *layout)
+        assert res.returncode == 0, res.stderr
+        reference = logits(small / family, 4, tmp_path)
+        assert (logits(out, 2, tmp_path) - reference).abs().max().item() <= 1e-5, op
+    grown = open_checkpoint(str(tmp_path / "llama_pdg"))
+    assert grown.args.growth_masks == {"kind": "pdg", "begin": 3, "end": 7, "hidden_size": 64,
+                                       "ffn_hidden_size": 192, "num_attention_heads": 8}
+    res = megagrow("checkpoint", "grow", "--load", str(tmp_path / "llama_pdg"), "--save", str(tmp_path / "again"),
+                   "--op", "stack:g=2", check=False)
+    assert res.returncode == 1 and "still opening" in res.stderr
+
+    aki = tmp_path / "aki"
+    assert _grow(small / "llama", aki, "aki", "--ffn-hidden-size", "256").returncode == 0
+    src, new = open_checkpoint(str(small / "llama")), open_checkpoint(str(aki))
+    fc1 = "mlp.linear_fc1.weight"
+    lower, upper, grown_fc1 = src.read_layer(1), src.read_layer(2), new.read_layer(1)
+    assert torch.equal(grown_fc1["model"][fc1][:192], lower["model"][fc1][:192])        # old gate rows kept
+    assert torch.equal(grown_fc1["model"][fc1][192:256], upper["model"][fc1][:64])     # new gate rows: layer above
+    assert torch.equal(grown_fc1["exp_avg"][fc1][192:256], upper["exp_avg"][fc1][:64])
+    # random (G_random): new entries at the trained tensor's scale, unlike direct's initial scale.
+    for op in ("random", "direct"):
+        assert _grow(small / "llama", tmp_path / op, op, "--ffn-hidden-size", "256").returncode == 0
+    w = {op: open_checkpoint(str(tmp_path / op)).read_layer(1)["model"]["mlp.linear_fc2.weight"] for op in
+         ("random", "direct")}
+    old_std = lower["model"]["mlp.linear_fc2.weight"].std().item()
+    assert torch.equal(w["random"][:, :192], w["direct"][:, :192])
+    assert w["random"][:, 192:].std().item() == pytest.approx(old_std, rel=0.15)
+    assert w["direct"][:, 192:].std().item() != pytest.approx(old_std, rel=0.15)
+
+    # Train through the opening (iterations 4..7) and on: the masks are removed, the loss falls.
+    wide = {**LLAMA6, "--hidden-size": "96", "--ffn-hidden-size": "256", "--num-attention-heads": "12",
+            "--num-query-groups": "6", "--kv-channels": "8", "--tensor-model-parallel-size": "2",
+            "--pipeline-model-parallel-size": "1", "--exit-interval": None, "--load": str(tmp_path / "llama_pdg"),
+            "--save": str(tmp_path / "llama_pdg")}
+    run = torchrun(2, tiny_args(data_dir, **wide), tmp_path / "pdg.jsonl")
+    assert run.returncode == 0, run.output
+    assert "growth masks (pdg)" in run.output and "fully open at iteration 7" in run.output
+    losses = run.losses()
+    assert sorted(losses) == list(range(4, 11)) and losses[10] < losses[4]
+    assert open_checkpoint(str(tmp_path / "llama_pdg")).args.growth_masks is None

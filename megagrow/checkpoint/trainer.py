@@ -231,6 +231,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, 
     common, saved_args = load(path, model, optimizer, scheduler, args, iteration, same_layout)
     if args.finetune:
         return 0, 0
+    args.growth_masks = getattr(saved_args, "growth_masks", None)  # masked width growth still opening
     args.num_floating_point_operations_so_far = common.get("num_floating_point_operations_so_far", 0)
     return iteration, getattr(saved_args, "consumed_train_samples", iteration * saved_args.global_batch_size)
 

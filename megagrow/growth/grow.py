@@ -16,7 +16,7 @@ import torch
 from megagrow.checkpoint.convert import (VocabResized, check_source, open_checkpoint, refuse_same_directory,
                                          target_args, write_checkpoint)
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, expected_shapes
-from megagrow.growth.depth import NewLayer, connection_rate, describe
+from megagrow.growth.depth import GrowthError, NewLayer, connection_rate, describe
 from megagrow.growth.operators import depth_plan
 from megagrow.model.init import init_global_tensor
 
@@ -77,12 +77,20 @@ class DepthGrownView(DerivedView):
         return unit
 
 
+def _refuse_open_masks(view: CheckpointView, load: str) -> None:
+    masks = getattr(view.args, "growth_masks", None)
+    if masks:
+        raise GrowthError(f"{load}: its {masks['kind']} growth masks are still opening (until iteration "
+                          f"{masks['end']}); train past that iteration before growing again")
+
+
 def grow(load: str, save: str, op: str, num_layers: int | None = None, target_tp: int | None = None,
          target_pp: int | None = None, fmt: str | None = None, seed: int | None = None, with_optimizer: bool = True,
          force: bool = False, progress: bool = True, rechunk: bool = False) -> tuple[str, list[NewLayer]]:
     """Grow the checkpoint at `load` into `save`; returns (iteration directory written, layer plan)."""
     refuse_same_directory(load, save)
     view = open_checkpoint(load)
+    _refuse_open_masks(view, load)
     plan = depth_plan(op, view.num_layers, num_layers)
     check_source(view, with_optimizer)
     src = view.args
@@ -117,6 +125,7 @@ def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None
     from megagrow.growth.width import WidthGrownView, WidthPlan
     refuse_same_directory(load, save)
     view = open_checkpoint(load)
+    _refuse_open_masks(view, load)
     src = view.args
     tp, pp = target_tp or src.tensor_model_parallel_size, target_pp or src.pipeline_model_parallel_size
     args = target_args(src, tp, pp, fmt or view.format, with_optimizer)
@@ -128,7 +137,11 @@ def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None
         args.group_query_attention = True
     elif not getattr(args, "group_query_attention", False):
         args.num_query_groups = args.num_attention_heads  # multi-head attention: one group per head, as the trainer sets
-    plan = WidthPlan(src, args, op.partition(":")[0])
+    plan = WidthPlan(src, args, op)
+    if plan.steps is not None:  # msg/pdg: the trainer opens the masks over the next `steps` iterations
+        args.growth_masks = {"kind": plan.op, "begin": view.iteration, "end": view.iteration + plan.steps,
+                             "hidden_size": src.hidden_size, "ffn_hidden_size": src.ffn_hidden_size,
+                             "num_attention_heads": src.num_attention_heads}
     if plan.norm_scale != 1.0:
         # RMSNorm over H dims of which h are non-zero: mean(x^2) shrinks by h/H, and so must epsilon.
         args.norm_epsilon = getattr(src, "norm_epsilon", 1e-5) * src.hidden_size / args.hidden_size

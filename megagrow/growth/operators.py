@@ -2,7 +2,8 @@
 
     stack:g=4            interpolate:g=2         partial:12-3456*5-56 (or partial:1-2,3-6*5,5-6)
     lag:p=2,b=1,init=dup lag:last                redundant    zero    random
-    (width, with --hidden-size/--ffn-hidden-size/--num-attention-heads: direct, zero, fpi; growth.width)
+    (width, with --hidden-size/--ffn-hidden-size/--num-attention-heads: direct, zero, random, fpi, aki,
+     msg:steps=N, pdg:steps=N; growth.width)
 
 Depth operators need the new depth from `--num-layers` unless the spec fixes it (stack/interpolate
 g, partial). Each operator says what it changes and whether the grown model computes the same

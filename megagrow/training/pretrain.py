@@ -21,6 +21,7 @@ from megatron.core.transformer.module import Float16Module
 from megagrow.checkpoint.trainer import load_checkpoint, save_checkpoint
 from megagrow.data.loader import build_datasets, microbatches
 from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_impl
+from megagrow.model.growth_masks import install_growth_masks
 from megagrow.model.layout import padded_vocab_size
 from megagrow.runtime.distributed import destroy, initialize_distributed, print_rank_0, set_seeds
 from megagrow.training.metrics import MetricsLogger
@@ -50,6 +51,7 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
     skipped_iterations: int = 0
+    masks: object = None  # growth masks (MSG/PDG) while new width is opening
 
 
 def build_tokenizer(args):
@@ -95,6 +97,10 @@ def setup(args) -> TrainState:
         state.iteration, state.consumed_train_samples = load_checkpoint(args.load, model, optimizer, scheduler, args)
         if state.iteration:
             print_rank_0(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
+        state.masks = install_growth_masks(model, args, state.iteration)
+        if state.masks:
+            r = args.growth_masks
+            print_rank_0(f" growth masks ({r['kind']}): new width opens over iterations {r['begin']}..{r['end']}")
     state.datasets = build_datasets(args, tokenizer)
     return state
 
@@ -159,6 +165,9 @@ def train_iteration(state: TrainState, train_iter, log: MetricsLogger) -> None:
     """One iteration of the loop: a global batch, bookkeeping, metrics."""
     a = state.args
     t0 = time.perf_counter()
+    if state.masks and not state.masks.set_iteration(state.iteration):
+        state.masks = None
+        print_rank_0(f" growth masks fully open at iteration {state.iteration}: removed")
     loss, grad_norm, updated = train_step(state, train_iter)
     step_seconds = time.perf_counter() - t0
     state.iteration += 1
