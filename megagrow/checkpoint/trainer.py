@@ -232,6 +232,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, 
     if args.finetune:
         return 0, 0
     args.growth_masks = getattr(saved_args, "growth_masks", None)  # masked width growth still opening
+    args.validation_curve = list(getattr(saved_args, "validation_curve", []))  # for stop rules across restarts
     args.num_floating_point_operations_so_far = common.get("num_floating_point_operations_so_far", 0)
     return iteration, getattr(saved_args, "consumed_train_samples", iteration * saved_args.global_batch_size)
 

@@ -65,6 +65,14 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this many iterations (for tests and requeue)")
+    g = p.add_argument_group("growth stages (megagrow)")
+    g.add_argument("--growth-plan", default=None, help="run a staged plan (YAML, `megagrow plan`) from this entry point")
+    g.add_argument("--stage-stop", default=None,
+                   help="JSON stop rule of this stage (megagrow.scheduling.timing.StopRule): save and exit when it fires")
+    g.add_argument("--stage-decision-file", default=None, help="where the stop rule's decision and evidence go (JSON)")
+    g.add_argument("--restart-lr-schedule-at", type=int, default=None,
+                   help="when the loaded checkpoint is at this iteration, start the LR schedule afresh from these "
+                        "flags (re-warm at a stage boundary) instead of the checkpoint's")
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -182,6 +190,13 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     else:
         _require(args.vocab_size is not None, "--vocab-size is required with NullTokenizer")
 
+    if args.stage_stop is not None:
+        import json
+        from megagrow.scheduling.timing import PlanError, StopRule
+        try:
+            StopRule(**json.loads(args.stage_stop))
+        except (ValueError, TypeError, PlanError) as e:
+            raise ArgumentError(f"--stage-stop: {e}") from None
     if args.load is not None:
         from megagrow.checkpoint.errors import check_loadable
         check_loadable(args.load, same_as_save=args.load == args.save)

@@ -42,7 +42,8 @@ class MetricsLogger:
 
     def _record(self, kind: str, iteration: int, values: dict) -> None:
         if self.metrics_file:
-            self.metrics_file.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
+            flops = getattr(self.args, "num_floating_point_operations_so_far", 0)
+            self.metrics_file.write(json.dumps({"kind": kind, "iteration": iteration, **values, "flops": flops}) + "\n")
             self.metrics_file.flush()
 
     def training(self, iteration: int, consumed: int, loss: float, lr: float, grad_norm: float | None,

@@ -6,6 +6,8 @@ One screen per idea: `setup` builds everything for this rank, `train_step` runs 
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +26,8 @@ from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_
 from megagrow.model.growth_masks import install_growth_masks
 from megagrow.model.layout import padded_vocab_size
 from megagrow.runtime.distributed import destroy, initialize_distributed, print_rank_0, set_seeds
-from megagrow.training.metrics import MetricsLogger
+from megagrow.scheduling.timing import StopRule
+from megagrow.training.metrics import MetricsLogger, num_floating_point_operations
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -52,6 +55,15 @@ class TrainState:
     consumed_train_samples: int = 0
     skipped_iterations: int = 0
     masks: object = None  # growth masks (MSG/PDG) while new width is opening
+
+
+def _scheduler(args, optimizer) -> OptimizerParamScheduler:
+    gbs = args.global_batch_size  # Megatron-LM's scheduler counts samples, not iterations
+    return OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant")
 
 
 def build_tokenizer(args):
@@ -82,21 +94,20 @@ def setup(args) -> TrainState:
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=config.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer), [model])
-    gbs = args.global_batch_size  # Megatron-LM's scheduler counts samples, not iterations
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant")
+    scheduler = _scheduler(args, optimizer)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
 
     state = TrainState(args, [model], optimizer, scheduler, datasets=())
+    args.num_floating_point_operations_so_far = 0  # the checkpoint's count when there is one
     if args.load:
         state.iteration, state.consumed_train_samples = load_checkpoint(args.load, model, optimizer, scheduler, args)
         if state.iteration:
             print_rank_0(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
+        if args.restart_lr_schedule_at is not None and state.iteration == args.restart_lr_schedule_at:
+            state.scheduler = _scheduler(args, optimizer)  # a new stage re-warms: this run's LR flags, from step 0
+            print_rank_0(f" LR schedule restarted at iteration {state.iteration}")
         state.masks = install_growth_masks(model, args, state.iteration)
         if state.masks:
             r = args.growth_masks
@@ -150,7 +161,14 @@ def evaluate(state: TrainState, dataset=None) -> float | None:
             forward_only=True)
     for chunk in state.model:
         chunk.train()
-    return _reduce_loss(losses)
+    return _share(_reduce_loss(losses))
+
+
+def _share(loss: float | None) -> float:
+    """The last stage's loss on every rank (stop rules and the saved curve must agree everywhere)."""
+    t = torch.tensor([loss or 0.0, float(loss is not None)], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return (t[0] / t[1]).item()
 
 
 def _save(state: TrainState) -> None:
@@ -173,10 +191,23 @@ def train_iteration(state: TrainState, train_iter, log: MetricsLogger) -> None:
     state.iteration += 1
     state.consumed_train_samples += a.global_batch_size
     state.skipped_iterations += not updated
+    a.num_floating_point_operations_so_far = (getattr(a, "num_floating_point_operations_so_far", 0)
+                                              + num_floating_point_operations(a, a.global_batch_size))
     if loss is not None:
         lr = state.scheduler.get_lr(state.optimizer.param_groups[0])
         log.training(state.iteration, state.consumed_train_samples, loss, lr, grad_norm, step_seconds,
                      state.skipped_iterations, log_line=state.iteration % a.log_interval == 0)
+
+
+def _record_decision(args, iteration: int, rule: StopRule, decision) -> None:
+    print_rank_0(f" stage stop at iteration {iteration}: {decision.reason}")
+    if args.stage_decision_file and torch.distributed.get_rank() == 0:
+        record = {"iteration": iteration, "reason": decision.reason, "policy": rule.policy,
+                  "flops": args.num_floating_point_operations_so_far, "evidence": decision.evidence}
+        tmp = args.stage_decision_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, default=float)
+        os.replace(tmp, args.stage_decision_file)  # written after the checkpoint: it marks the stage done
 
 
 def pretrain(args) -> TrainState:
@@ -187,21 +218,45 @@ def pretrain(args) -> TrainState:
     print_rank_0(f" training: {args.train_iters} iterations, global batch {args.global_batch_size} "
                  f"({args.num_microbatches} microbatches x {args.micro_batch_size} x DP {args.data_parallel_size}), "
                  f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size}")
+    rule = StopRule(**json.loads(args.stage_stop)) if args.stage_stop else None  # kept out of args: they are saved
+    args.validation_curve = list(getattr(args, "validation_curve", []))
+    step_flops = num_floating_point_operations(args, args.global_batch_size)
+
+    def validate(where: str) -> None:
+        loss = evaluate(state)
+        log.validation(state.iteration, loss, where)
+        args.validation_curve.append((state.iteration, loss, args.num_floating_point_operations_so_far))
+
     while state.iteration < args.train_iters:
-        train_iteration(state, train_iter, log)
-        if args.eval_interval and state.iteration % args.eval_interval == 0 and state.iteration < args.train_iters:
-            log.validation(state.iteration, evaluate(state), f"at iteration {state.iteration}")
-        exiting = args.exit_interval and state.iteration % args.exit_interval == 0
-        if args.save and (exiting or (args.save_interval and state.iteration % args.save_interval == 0)):
-            _save(state)
-            saved_at = state.iteration
-        if exiting:
-            print_rank_0(f" exiting at iteration {state.iteration} (--exit-interval)")
+        decision = rule.after_step(state.iteration, args.num_floating_point_operations_so_far, step_flops) \
+            if rule else None
+        if decision and decision.stop:  # also right after loading a stage's last checkpoint
+            if not args.validation_curve or args.validation_curve[-1][0] != state.iteration:
+                validate(f"at the end of the stage (iteration {state.iteration})")
             break
-    else:
-        if args.eval_iters:
-            log.validation(state.iteration, evaluate(state), "at the end of training")
-        if args.save and saved_at != state.iteration:
+        train_iteration(state, train_iter, log)
+        it = state.iteration
+        if args.eval_interval and it % args.eval_interval == 0 and it < args.train_iters:
+            validate(f"at iteration {it}")
+            decision = rule.after_evaluation(args.validation_curve) if rule else None
+            if decision and decision.stop:
+                break
+        if args.exit_interval and it % args.exit_interval == 0:
+            if args.save:
+                _save(state)
+            print_rank_0(f" exiting at iteration {it} (--exit-interval)")
+            log.close()
+            return state
+        if args.save and args.save_interval and it % args.save_interval == 0:
             _save(state)
+            saved_at = it
+    else:
+        decision = None
+        if args.eval_iters:
+            validate("at the end of training")
+    if args.save and saved_at != state.iteration:
+        _save(state)
+    if decision and decision.stop:
+        _record_decision(args, state.iteration, rule, decision)
     log.close()
     return state

@@ -1,0 +1,130 @@
+"""A staged run's report: loss vs FLOPs and tokens per stage, growth points, decisions, speed-up.
+
+Speed-up (paper 002's definition): the FLOPs a scratch run of the target needs to reach the staged
+run's final validation loss, divided by the staged run's FLOPs. The baseline's FLOPs are read off
+its validation curve (linear between evaluations); when it never gets there within the budget the
+report says so and gives the bound instead of a number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def read_metrics(path: str) -> dict[str, list[dict]]:
+    """Train and validation records of one stage; a resumed stage's re-done iterations keep the last record."""
+    latest: dict[tuple, dict] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                latest[(r["kind"], r["iteration"])] = r
+    out = {"train": [], "valid": []}
+    for (kind, _), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.setdefault(kind, []).append(r)
+    return out
+
+
+def flops_to_reach(curve: list[tuple[float, float]], loss: float) -> float | None:
+    """FLOPs at which a (flops, loss) curve first reaches `loss`, linearly interpolated; None if never."""
+    for (f0, l0), (f1, l1) in zip([(0.0, float("inf"))] + curve[:-1], curve):
+        if l1 <= loss:
+            if not np.isfinite(l0) or l0 == l1:
+                return f1
+            return f0 + (f1 - f0) * (l0 - loss) / (l0 - l1)
+    return None
+
+
+def loss_at(curve: list[tuple[float, float]], flops: float) -> float | None:
+    xs, ys = [c[0] for c in curve], [c[1] for c in curve]
+    if not xs or flops < xs[0] or flops > xs[-1] * 1.0001:
+        return None
+    return float(np.interp(flops, xs, ys))
+
+
+def speedup(staged: list[tuple[float, float]], baseline: list[tuple[float, float]]) -> dict:
+    final_flops, final_loss = staged[-1]
+    reach = flops_to_reach(baseline, final_loss)
+    return {"staged_flops": final_flops, "staged_final_valid_loss": final_loss,
+            "baseline_flops": baseline[-1][0], "baseline_final_valid_loss": baseline[-1][1],
+            "baseline_flops_to_staged_loss": reach,
+            "speedup": None if reach is None else reach / final_flops,
+            "speedup_lower_bound": None if reach is not None else baseline[-1][0] / final_flops,
+            "baseline_valid_loss_at_staged_flops": loss_at(baseline, final_flops)}
+
+
+def _plot(path: str, stages: list, baseline: dict | None, x_of, xlabel: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, m, _) in enumerate(stages):
+        color = f"C{i}"
+        ax.plot([x_of(r) for r in m["train"]], [r["lm loss"] for r in m["train"]], color=color, alpha=0.35, lw=0.8)
+        ax.plot([x_of(r) for r in m["valid"]], [r["lm loss"] for r in m["valid"]], "o-", color=color, ms=3,
+                label=f"{name} (valid)")
+        if i and m["train"]:
+            ax.axvline(x_of(m["train"][0]), color="grey", ls=":", lw=1)
+    if baseline:
+        ax.plot([x_of(r) for r in baseline["valid"]], [r["lm loss"] for r in baseline["valid"]], "s--", color="k",
+                ms=3, label="scratch baseline (valid)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("lm loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: str, plan) -> dict:
+    stage_dirs = [f"stage{i}_{s.name}" for i, s in enumerate(plan.stages)]
+    stages = []
+    for name in stage_dirs:
+        decision = None
+        path = os.path.join(run_dir, name, "decision.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                decision = json.load(f)
+        stages.append((name, read_metrics(os.path.join(run_dir, name, "metrics.jsonl")), decision))
+    base_dir = os.path.join(run_dir, "baseline")
+    baseline = read_metrics(os.path.join(base_dir, "metrics.jsonl")) if os.path.isdir(base_dir) else None
+    tokens = plan.tokens_per_iteration
+    _plot(os.path.join(run_dir, "loss_vs_flops.png"), stages, baseline, lambda r: r["flops"], "FLOPs")
+    _plot(os.path.join(run_dir, "loss_vs_tokens.png"), stages, baseline, lambda r: r["iteration"] * tokens, "tokens")
+
+    staged_curve = [(r["flops"], r["lm loss"]) for _, m, _ in stages for r in m["valid"]]
+    summary = {"stages": [{"name": n, "decision": d and {k: d[k] for k in ("iteration", "reason", "flops")},
+                           "final_valid_loss": m["valid"][-1]["lm loss"] if m["valid"] else None}
+                          for n, m, d in stages]}
+    lines = ["# Staged run report", "", f"Target: {plan.target['num_layers']} layers, hidden "
+             f"{plan.target['hidden_size']}; budget {plan.budget['flops']:.4g} FLOPs.", "",
+             "| stage | stopped at iteration | FLOPs so far | final valid loss | decision |", "|---|---|---|---|---|"]
+    for s in summary["stages"]:
+        d = s["decision"] or {}
+        loss = f"{s['final_valid_loss']:.4f}" if s["final_valid_loss"] is not None else "-"
+        lines.append(f"| {s['name']} | {d.get('iteration', '-')} | {d.get('flops', 0):.4g} | {loss} | "
+                     f"{d.get('reason', 'not finished')} |")
+    if baseline and baseline["valid"] and staged_curve:
+        summary.update(speedup(staged_curve, [(r["flops"], r["lm loss"]) for r in baseline["valid"]]))
+        s = summary
+        lines += ["", f"Staged run: final validation loss {s['staged_final_valid_loss']:.4f} after "
+                  f"{s['staged_flops']:.4g} FLOPs. Scratch baseline: {s['baseline_final_valid_loss']:.4f} after "
+                  f"{s['baseline_flops']:.4g} FLOPs."]
+        if s["speedup"] is not None:
+            lines.append(f"**Speed-up: {s['speedup']:.2f}x** (the baseline needs {s['baseline_flops_to_staged_loss']:.4g}"
+                         " FLOPs to reach the staged run's final loss).")
+        else:
+            lines.append(f"The baseline never reached the staged run's final loss within its budget: speed-up "
+                         f"> {s['speedup_lower_bound']:.2f}x.")
+        if s["baseline_valid_loss_at_staged_flops"] is not None:
+            lines.append(f"At equal FLOPs the baseline's validation loss is {s['baseline_valid_loss_at_staged_flops']:.4f}.")
+    lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", "", "![loss vs tokens](loss_vs_tokens.png)", ""]
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(run_dir, "report.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary

@@ -1,0 +1,184 @@
+"""`megagrow run PLAN`: train each stage as its own distributed job step, grow in between, resume anywhere.
+
+Run directory:
+    plan.yaml                   the plan this run follows (a re-run with another plan is refused)
+    stage<i>_<name>/ckpt/       the stage's checkpoints (Megatron layout); its first is the grown one
+    stage<i>_<name>/metrics.jsonl, tb/, log.txt
+    stage<i>_<name>/decision.json   written once the stage's stop rule fired and its checkpoint is saved
+    baseline/                   the target trained from scratch on the same budget (--baseline)
+    report.md, *.png            (analysis.report)
+A stage with a decision is done and skipped on a re-run; a stage with a checkpoint resumes from its
+latest one; growth output is renamed into place only when complete. So killing the driver or a
+stage at any moment and re-running the same command finishes the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from megagrow.checkpoint.errors import read_tracker
+from megagrow.launching.local import JobStep, kill_stale
+from megagrow.scheduling.plan import Plan, Stage, dump_plan, load_plan
+from megagrow.scheduling.timing import PlanError, StopRule
+
+_SHOWN = ("iteration", "validation", "stage stop", "loaded checkpoint", "growth masks", "LR schedule", "error",
+          "Error", "Traceback")
+_CONTROLLED = ("train_iters", "lr_decay_iters", "save", "load", "metrics_file", "tensorboard_dir")
+
+
+def as_flags(values: dict) -> list[str]:
+    """Megatron-LM flags from a plan's dict: true -> the bare flag, false/None -> left out."""
+    out = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+class StageRun:
+    """Where one stage (or the baseline) lives in the run directory."""
+
+    def __init__(self, run_dir: str, name: str):
+        self.dir = os.path.join(run_dir, name)
+        self.name = name
+        self.ckpt = os.path.join(self.dir, "ckpt")
+        self.decision_file = os.path.join(self.dir, "decision.json")
+
+    def decision(self) -> dict | None:
+        if not os.path.exists(self.decision_file):
+            return None
+        with open(self.decision_file) as f:
+            return json.load(f)
+
+
+class Driver:
+    def __init__(self, plan_path: str, run_dir: str, progress: bool = True):
+        self.plan: Plan = load_plan(plan_path)
+        self.run_dir, self.progress = run_dir, progress
+        os.makedirs(run_dir, exist_ok=True)
+        saved = os.path.join(run_dir, "plan.yaml")
+        text = dump_plan(self.plan)
+        if os.path.exists(saved):
+            if dump_plan(load_plan(saved)) != text:
+                raise PlanError(f"{run_dir} holds a run of another plan ({saved}); use a new --output directory")
+        else:
+            with open(saved + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(saved + ".tmp", saved)
+        self.pid_file = os.path.join(run_dir, "step.pgid")
+        kill_stale(self.pid_file)
+        self.total = sum(self.plan.planned_iterations())
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            print(message, flush=True)
+
+    def stages(self) -> list[tuple[Stage, StageRun]]:
+        return [(s, StageRun(self.run_dir, f"stage{i}_{s.name}")) for i, s in enumerate(self.plan.stages)]
+
+    def run(self, baseline: bool = False) -> dict:
+        start, previous = 0, None
+        for i, (stage, where) in enumerate(self.stages()):
+            done = where.decision()
+            if done:
+                self.say(f"[{where.name}] done earlier: stopped at iteration {done['iteration']} ({done['reason']})")
+            else:
+                if previous is not None and read_tracker(where.ckpt) is None:
+                    self.grow(self.plan.stages[i - 1], stage, previous, where)
+                done = self.train(stage, where, start, self.rule(i, start))
+            start, previous = done["iteration"], where
+        if baseline:
+            target = Stage(name="baseline", parallel=dict(self.plan.stages[-1].parallel))
+            where = StageRun(self.run_dir, "baseline")
+            if not where.decision():
+                self.train(target, where, 0, StopRule(policy="flops", flops=self.plan.budget["flops"]),
+                           decay_iters=int(self.plan.budget["flops"] // self.plan.step_flops()))
+        from megagrow.analysis.report import write_report
+        return write_report(self.run_dir, self.plan)
+
+    def rule(self, index: int, start: int) -> StopRule:
+        stage = self.plan.stages[index]
+        extra = {"start": start}
+        policy = stage.stop["policy"]
+        if policy == "flops":
+            extra["flops"] = self.plan.budget["flops"]
+        if policy == "ecr":
+            nxt = self.plan.stages[index + 1]
+            extra["flops_ratio"] = self.plan.step_flops(stage) / self.plan.step_flops(nxt)
+        return StopRule.from_plan(stage.stop, **extra)
+
+    def grow(self, source: Stage, stage: Stage, previous: StageRun, where: StageRun) -> None:
+        from megagrow.growth.grow import grow, grow_width
+        old, new = self.plan.model_args(source), self.plan.model_args(stage)
+        par = stage.parallel
+        tp, pp = par.get("tensor_model_parallel_size", 1), par.get("pipeline_model_parallel_size", 1)
+        fmt = self.plan.training.get("ckpt_format", "torch_dist")
+        force = os.path.isdir(where.ckpt)  # a growth that was killed: its output never got a tracker
+        os.makedirs(where.dir, exist_ok=True)
+        widths = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+        op = stage.grow["op"]
+        self.say(f"[{where.name}] growing {previous.name} ({old.num_layers} layers, hidden {old.hidden_size}) -> "
+                 f"{new.num_layers} layers, hidden {new.hidden_size} with {op}")
+        if any(getattr(old, w) != getattr(new, w) for w in widths):
+            sizes = {w: getattr(new, w) if getattr(old, w) != getattr(new, w) else None for w in widths}
+            grow_width(previous.ckpt, where.ckpt, op, sizes, tp, pp, fmt, force=force, progress=False)
+        else:
+            grow(previous.ckpt, where.ckpt, op, new.num_layers, tp, pp, fmt, force=force, progress=False)
+
+    def stage_argv(self, stage: Stage, where: StageRun, start: int, rule: StopRule,
+                   decay_iters: int | None) -> list[str]:
+        plan, a = self.plan, self.plan.model_args(stage)
+        par = {k: v for k, v in stage.parallel.items() if k != "nproc"}
+        training = {k: v for k, v in plan.training.items() if k not in _CONTROLLED}
+        lr = stage.lr.get("schedule", "continue")
+        schedule = {"lr_decay_iters": decay_iters or self.total}
+        if lr in ("rewarm", "constant") and start:
+            schedule = {"restart_lr_schedule_at": start, "lr_decay_iters": max(self.total - start, 1),
+                        "lr_warmup_iters": stage.lr.get("warmup_iters", 0 if lr == "constant" else
+                                                        training.get("lr_warmup_iters", 0))}
+            if lr == "constant":
+                schedule["lr_decay_style"] = "constant"
+        argv = ["pretrain_gpt.py", *as_flags({**plan.target, **stage.model, "kv_channels": a.kv_channels}),
+                *as_flags({**training, **schedule}), *as_flags(plan.data), *as_flags(par),
+                "--train-iters", str(plan.max_iterations()), "--save", where.ckpt,
+                "--metrics-file", os.path.join(where.dir, "metrics.jsonl"),
+                "--tensorboard-dir", os.path.join(where.dir, "tb"),
+                "--stage-stop", json.dumps(vars(rule)), "--stage-decision-file", where.decision_file]
+        if read_tracker(where.ckpt) is not None:
+            argv += ["--load", where.ckpt]
+        return argv
+
+    def train(self, stage: Stage, where: StageRun, start: int, rule: StopRule, decay_iters: int | None = None) -> dict:
+        os.makedirs(where.dir, exist_ok=True)
+        resumed = read_tracker(where.ckpt)
+        self.say(f"[{where.name}] training {self.plan.model_args(stage).num_layers} layers from iteration "
+                 f"{resumed or start} until {rule.policy}" + (f" (resuming {where.ckpt})" if resumed else ""))
+        step = JobStep(stage.parallel.get("nproc", 1), self.stage_argv(stage, where, start, rule, decay_iters),
+                       os.path.join(where.dir, "log.txt"), self.pid_file)
+        try:
+            for line in step.lines():
+                if self.progress and any(key in line for key in _SHOWN):
+                    print(f"[{where.name}] {line.strip()}", flush=True)
+        finally:
+            if step.proc.poll() is None:
+                step.kill()
+            rc = step.wait()
+        decision = where.decision()
+        if rc != 0 or decision is None:
+            raise PlanError(f"stage {where.name} failed (exit code {rc}); see {os.path.join(where.dir, 'log.txt')}")
+        self.say(f"[{where.name}] stopped at iteration {decision['iteration']}: {decision['reason']}")
+        return decision
+
+
+def run(plan_path: str, run_dir: str | None = None, baseline: bool = False, progress: bool = True) -> dict:
+    if run_dir is None:
+        run_dir = os.path.splitext(plan_path)[0] + "_run"
+    return Driver(plan_path, run_dir, progress).run(baseline)

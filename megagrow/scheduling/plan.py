@@ -1,0 +1,222 @@
+"""A staged run as a YAML file a person can read and edit, and `megagrow plan` that writes one.
+
+    target:   the final model, in Megatron-LM flags (num_layers: 24, hidden_size: 2048, swiglu: true, ...)
+    budget:   {flops: ...} the whole run's FLOPs (Megatron-LM's per-iteration formula), and the tokens
+              a scratch run of the target would see with them
+    training: flags every stage shares (global_batch_size, seq_length, lr, ..., eval_interval)
+    data:     data_path, tokenizer_type, tokenizer_model, split, ...
+    stages:   in order; each has `model` (flags that differ from the target), `grow` (the operator
+              into this stage: {op: stack:g=4}), `stop` (a timing policy, scheduling.timing),
+              `lr` ({schedule: continue | rewarm | constant, warmup_iters}) and `parallel`
+              ({tensor_model_parallel_size, pipeline_model_parallel_size, nproc}).
+The global batch and sequence length are shared so that samples, data order and the LR schedule
+carry across stages; iteration numbers continue through the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+
+from megagrow.scheduling.timing import PlanError, StopRule, gstack_small_tokens
+from megagrow.training.metrics import num_floating_point_operations
+
+LR_SCHEDULES = ("continue", "rewarm", "constant")
+
+
+@dataclass
+class Stage:
+    name: str
+    model: dict = field(default_factory=dict)
+    grow: dict | None = None
+    stop: dict = field(default_factory=lambda: {"policy": "flops"})
+    lr: dict = field(default_factory=lambda: {"schedule": "continue"})
+    parallel: dict = field(default_factory=lambda: {"nproc": 1})
+
+
+@dataclass
+class Plan:
+    target: dict
+    budget: dict
+    training: dict
+    data: dict
+    stages: list[Stage]
+    vocab_size: int  # the tokenizer's, for FLOPs and parameter counts before any model exists
+
+    def model_args(self, stage: Stage | None = None) -> argparse.Namespace:
+        """The stage's (or the target's) model as the trainer's args, with Megatron-LM's derived values."""
+        from megagrow.model.layout import padded_vocab_size
+        flags = {**self.target, **(stage.model if stage else {})}
+        a = argparse.Namespace(**{k: v for k, v in flags.items()})
+        a.swiglu = bool(flags.get("swiglu", False))
+        a.group_query_attention = bool(flags.get("group_query_attention", False))
+        a.num_query_groups = flags.get("num_query_groups") if a.group_query_attention else a.num_attention_heads
+        a.kv_channels = flags.get("kv_channels") or a.hidden_size // a.num_attention_heads
+        if not flags.get("ffn_hidden_size"):
+            a.ffn_hidden_size = (int(4 * a.hidden_size * 2 / 3 / 64) + 1) * 64 if a.swiglu else 4 * a.hidden_size
+        a.seq_length = self.training["seq_length"]
+        a.max_position_embeddings = flags.get("max_position_embeddings") or a.seq_length
+        a.normalization = flags.get("normalization", "LayerNorm")
+        a.add_bias_linear = not flags.get("disable_bias_linear", False)
+        a.untie_embeddings_and_output_weights = bool(flags.get("untie_embeddings_and_output_weights", False))
+        a.position_embedding_type = flags.get("position_embedding_type", "learned_absolute")
+        a.padded_vocab_size = padded_vocab_size(self.vocab_size, flags.get("make_vocab_size_divisible_by", 128), 1)
+        return a
+
+    def parameters(self, stage: Stage | None = None) -> int:
+        from megagrow.checkpoint.view import parameter_count
+        return parameter_count(self.model_args(stage))
+
+    def step_flops(self, stage: Stage | None = None) -> float:
+        return num_floating_point_operations(self.model_args(stage), self.training["global_batch_size"])
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.training["global_batch_size"] * self.training["seq_length"]
+
+    def max_iterations(self) -> int:
+        """An upper bound on the run's iterations (all FLOPs in the cheapest stage): sizes the dataset."""
+        return math.ceil(self.budget["flops"] / min(self.step_flops(s) for s in self.stages))
+
+    def planned_iterations(self) -> list[int]:
+        """Iterations per stage if every fixed end holds (dynamic ends: their max_iteration or formula guess)."""
+        out, flops = [], 0.0
+        for i, stage in enumerate(self.stages):
+            end = stage.stop.get("iteration") or stage.stop.get("max_iteration")
+            start = sum(out)
+            if end is None or i == len(self.stages) - 1:
+                end = start + int((self.budget["flops"] - flops) // self.step_flops(stage))
+            out.append(max(end - start, 0))
+            flops += out[-1] * self.step_flops(stage)
+        return out
+
+    def check(self) -> None:
+        if not self.stages:
+            raise PlanError("the plan has no stages")
+        for key in ("global_batch_size", "seq_length", "micro_batch_size", "lr"):
+            if key not in self.training:
+                raise PlanError(f"training.{key} is missing")
+        for i, stage in enumerate(self.stages):
+            if i and not stage.grow:
+                raise PlanError(f"stage {stage.name}: every stage after the first needs `grow: {{op: ...}}`")
+            if stage.lr.get("schedule", "continue") not in LR_SCHEDULES:
+                raise PlanError(f"stage {stage.name}: lr.schedule must be one of {', '.join(LR_SCHEDULES)}")
+            policy = stage.stop.get("policy")
+            StopRule.from_plan(stage.stop, **({"flops": self.budget["flops"]} if policy == "flops" else {}),
+                               **({"flops_ratio": 1.0} if policy == "ecr" else {}))
+        if self.stages[-1].stop["policy"] != "flops":
+            raise PlanError("the last stage must stop on the budget (stop: {policy: flops})")
+        last = self.model_args(self.stages[-1])
+        for key, value in self.target.items():
+            if getattr(last, key, value) != value:
+                raise PlanError(f"the last stage's {key} ({getattr(last, key)}) is not the target's ({value})")
+
+
+def load_plan(path: str) -> Plan:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise PlanError(f"cannot read the plan {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise PlanError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        raw["stages"] = [Stage(**s) for s in raw["stages"]]
+        plan = Plan(**raw)
+    except (TypeError, KeyError) as e:
+        raise PlanError(f"{path}: not a megagrow plan ({e})") from None
+    plan.check()
+    return plan
+
+
+def dump_plan(plan: Plan) -> str:
+    raw = copy.deepcopy({k: v for k, v in vars(plan).items() if k != "stages"})
+    raw["stages"] = [vars(s) for s in plan.stages]
+    return yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=110)
+
+
+def make_plan(target: dict, vocab_size: int, training: dict, data: dict, *, flops: float | None = None,
+              tokens: float | None = None, growth_factor: int = 4, stages: int = 2, op: str = "stack",
+              policy: str = "formula", max_small_fraction: float = 0.25, parallel: dict | None = None,
+              policy_options: dict | None = None) -> Plan:
+    """A G_stack plan: the small model(s) at L/g layers, grown `stages - 1` times into the target."""
+    L = target["num_layers"]
+    if not 2 <= growth_factor <= 4:
+        print(f"warning: growth factor g={growth_factor} is outside 2..4, the range the G_stack guideline "
+              "recommends", file=sys.stderr)
+    if growth_factor < 2 or L % growth_factor:
+        raise PlanError(f"growth factor {growth_factor} must be >= 2 and divide the target's {L} layers")
+    if stages < 2:
+        raise PlanError("a staged plan needs at least 2 stages")
+    small = L // growth_factor
+    if stages == 2:
+        depths = [small, L]
+    else:  # gradual: +k layers per hop (Reddi et al.), the last hop may be shorter
+        step = math.ceil((L - small) / (stages - 1))
+        depths = [min(small + i * step, L) for i in range(stages)]
+        if len(set(depths)) != stages:
+            raise PlanError(f"{stages} stages cannot each add layers between {small} and {L}")
+    parallel = parallel or {"nproc": 1}
+    plan = Plan(target=dict(target), budget={}, training=dict(training), data=dict(data), stages=[],
+                vocab_size=vocab_size)
+    per_iter = plan.tokens_per_iteration
+    if flops is None:
+        if tokens is None:
+            raise PlanError("give the budget as --train-tokens or --budget-flops")
+        flops = math.ceil(tokens / per_iter) * plan.step_flops()
+    plan.budget = {"flops": float(flops), "target_scratch_tokens": int(flops / plan.step_flops() * per_iter)}
+    n_target = plan.parameters()
+    scratch_tokens = plan.budget["target_scratch_tokens"]
+    start = 0
+    for i, depth in enumerate(depths):
+        stage = Stage(name=f"{depth}l", model={"num_layers": depth} if depth != L else {},
+                      parallel=dict(parallel))
+        if i:
+            prev = depths[i - 1]
+            stage.grow = {"op": f"stack:g={depth // prev}" if op == "stack" and depth % prev == 0 else "lag:last"}
+            stage.lr = {"schedule": "continue"}
+        if i == len(depths) - 1:
+            stage.stop = {"policy": "flops"}
+        else:
+            # G_stack's guideline for the tokens before growing into the next model (C = 6 N D, per the paper).
+            n_next = plan.parameters(Stage("next", model={"num_layers": depths[i + 1]}))
+            d = gstack_small_tokens(n_next, 6 * n_next * scratch_tokens)
+            limit = max_small_fraction * scratch_tokens
+            evidence = {"formula_tokens": d, "N": n_next, "C": 6 * n_next * scratch_tokens}
+            if d > limit:
+                print(f"warning: the G_stack formula gives d = {d:.3g} tokens for stage {i}, more than "
+                      f"{max_small_fraction:g} of the budget's {scratch_tokens:.3g}; it was fitted on 410M-3B "
+                      f"models and 1e20-1.5e21 FLOPs. Clamped to {limit:.3g}.", file=sys.stderr)
+                d = limit
+            end = start + max(1, round(d / per_iter))
+            stage.stop = {"policy": "formula", "iteration": end, "tokens": (end - start) * per_iter,
+                          "evidence": evidence}
+            if policy in ("converge", "ecr"):
+                stage.stop = {"policy": policy, "max_iteration": end, **(policy_options or {})}
+            elif policy in ("iters", "tokens"):
+                stage.stop = {"policy": policy, "iteration": end, **(policy_options or {})}
+            start = end
+        plan.stages.append(stage)
+    plan.check()
+    return plan
+
+
+def describe(plan: Plan) -> str:
+    """The plan with its FLOPs accounting, one line per stage."""
+    rows = [f"target: {plan.target['num_layers']} layers, hidden {plan.target['hidden_size']}, "
+            f"{plan.parameters() / 1e6:.2f}M parameters; budget {plan.budget['flops']:.4g} FLOPs "
+            f"(= {plan.budget['target_scratch_tokens']:.4g} tokens of the target from scratch)",
+            f"{'stage':<14} {'layers':>6} {'params':>10} {'FLOPs/iter':>11} {'iters':>8} {'tokens':>10} "
+            f"{'FLOPs':>10} {'share':>6}  stop / grow"]
+    for stage, iters in zip(plan.stages, plan.planned_iterations()):
+        a, f = plan.model_args(stage), plan.step_flops(stage)
+        how = stage.stop["policy"] + (f" <- {stage.grow['op']}" if stage.grow else "")
+        rows.append(f"{stage.name:<14} {a.num_layers:>6} {plan.parameters(stage) / 1e6:>9.2f}M {f:>11.4g} "
+                    f"{iters:>8} {iters * plan.tokens_per_iteration:>10.4g} {iters * f:>10.4g} "
+                    f"{iters * f / plan.budget['flops']:>6.1%}  {how}")
+    return "\n".join(rows)
