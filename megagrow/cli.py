@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from megagrow.checkpoint.errors import CheckpointError
@@ -49,17 +50,20 @@ def cmd_convert(a) -> int:
 def cmd_grow(a) -> int:
     from megagrow.growth.grow import grow, plan_report
     from megagrow.growth.depth import GrowthError
+    from megagrow.growth.operators import parse_spec
     sizes = {f: getattr(a, f) for f in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")}
+    if a.data_path and parse_spec(a.op)[0] != "learn":
+        raise GrowthError("--data-path is read only by --op learn (the data its maps are fitted on)")
     if any(v is not None for v in sizes.values()):
         if a.num_layers is not None:
             raise GrowthError("grow depth (--num-layers) and width (--hidden-size ...) in two steps, one operator each")
         from megagrow.growth.grow import grow_width
         out = grow_width(a.load, a.save, a.op, sizes, a.target_tp, a.target_pp, a.ckpt_format, a.seed,
-                         not a.no_optimizer, a.force, progress=not a.quiet)
+                         not a.no_optimizer, a.force, progress=not a.quiet, data_path=a.data_path)
         print(f"wrote {out}")
         return 0
     out, plan = grow(a.load, a.save, a.op, a.num_layers, a.target_tp, a.target_pp, a.ckpt_format, a.seed,
-                     not a.no_optimizer, a.force, progress=not a.quiet, rechunk=a.rechunk)
+                     not a.no_optimizer, a.force, progress=not a.quiet, rechunk=a.rechunk, data_path=a.data_path)
     print(plan_report(plan))
     print(f"wrote {out}")
     return 0
@@ -75,6 +79,66 @@ def cmd_ops_list(a) -> int:
         print(f"{name:<12} {dimension:<6} {'yes' if keeps else 'no':<20} {summary}")
     print("depth operators take --num-layers; width operators take --hidden-size/--ffn-hidden-size/"
           "--num-attention-heads/--num-query-groups")
+    return 0
+
+
+def _megatron_flags(argv: list[str]) -> dict[str, dict]:
+    """Megatron-LM flags given on the command line, sorted by the trainer's argument groups."""
+    from megagrow.training.arguments import build_parser as trainer_parser
+    p = trainer_parser()
+    for action in p._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    given = vars(p.parse_args(argv))
+    groups = {}
+    for group in p._action_groups:
+        for action in group._group_actions:
+            if action.dest in given:  # keyed by flag name: --disable-bias-linear -> disable_bias_linear: true
+                value = True if isinstance(action.const, bool) and action.nargs == 0 else given[action.dest]
+                groups.setdefault(group.title, {})[action.option_strings[0][2:].replace("-", "_")] = value
+    return groups
+
+
+def cmd_plan(a, rest: list[str]) -> int:
+    from megagrow.scheduling.plan import describe, dump_plan, make_plan
+    g = _megatron_flags(rest)
+    target, data = g.get("model", {}), g.get("data", {})
+    training = {**g.get("training", {}), **g.get("logging", {}), **g.get("checkpointing", {})}
+    for key in ("num_layers", "hidden_size", "num_attention_heads"):
+        if key not in target:
+            raise CheckpointError(f"plan: the target's --{key.replace('_', '-')} is required")
+    training.setdefault("seq_length", target.pop("seq_length", 1024))
+    target.pop("seq_length", None)
+    training.setdefault("global_batch_size", training.get("micro_batch_size", 1))
+    training.setdefault("micro_batch_size", 1)
+    training.setdefault("lr", 3e-4)
+    vocab = data.get("vocab_size")
+    if vocab is None and data.get("tokenizer_model"):
+        from megagrow.data.tokenizer import build_tokenizer
+        vocab = build_tokenizer("SentencePieceTokenizer", data["tokenizer_model"], None).vocab_size
+    if vocab is None:
+        raise CheckpointError("plan: give --tokenizer-model or --vocab-size (FLOPs and sizes depend on it)")
+    parallel = {**g.get("parallelism", {}), "nproc": a.nproc}
+    parallel.pop("distributed_backend", None)
+    options = json.loads(a.policy_options) if a.policy_options else None
+    plan = make_plan(target, vocab, training, data, flops=a.budget_flops, tokens=a.train_tokens,
+                     growth_factor=a.growth_factor, stages=a.stages, op=a.op, policy=a.policy,
+                     max_small_fraction=a.max_small_fraction, parallel=parallel, policy_options=options)
+    print(describe(plan))
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(dump_plan(plan))
+        print(f"wrote {a.output}")
+    else:
+        print(dump_plan(plan))
+    return 0
+
+
+def cmd_run(a) -> int:
+    from megagrow.scheduling.driver import run
+    summary = run(a.plan, a.output, baseline=a.baseline, progress=not a.quiet)
+    if summary.get("speedup") is not None:
+        print(f"speed-up: {summary['speedup']:.2f}")
+    print(f"report: {os.path.join(a.output or os.path.splitext(a.plan)[0] + '_run', 'report.md')}")
     return 0
 
 
@@ -112,11 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-pp", type=int, default=None)
     g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default=None)
     g.add_argument("--seed", type=int, default=None, help="for new random parameters (default: the run's --seed)")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="learn: data to fit the growth maps on (default: the checkpoint's --data-path)")
     g.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state")
     g.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
     g.add_argument("--rechunk", action="store_true", help="write through the streaming writer even for pure copies")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_grow)
+
+    pl = sub.add_parser("plan", help="write a staged plan (YAML) from a target shape and budget; other flags are "
+                        "Megatron-LM's (target model, training, data, parallelism)")
+    budget = pl.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--train-tokens", type=float, help="budget: the tokens a scratch run of the target would see")
+    budget.add_argument("--budget-flops", type=float, help="budget in FLOPs (Megatron-LM's formula)")
+    pl.add_argument("--growth-factor", type=int, default=4, help="g: the small model has L/g layers (2..4)")
+    pl.add_argument("--stages", type=int, default=2, help="2: one hop; more: gradual stacking")
+    pl.add_argument("--op", choices=["stack", "last"], default="stack", help="stack:g or lag:last between stages")
+    pl.add_argument("--policy", choices=["formula", "tokens", "iters", "converge", "ecr"], default="formula",
+                    help="when to leave the small stages (the last always runs to the budget)")
+    pl.add_argument("--policy-options", default=None, help='JSON, e.g. \'{"threshold": 1e-4, "window": 4}\'')
+    pl.add_argument("--max-small-fraction", type=float, default=0.25,
+                    help="clamp the formula's small-model tokens to this share of the budget's tokens")
+    pl.add_argument("--nproc", type=int, default=1, help="processes per stage (TP x PP x DP)")
+    pl.add_argument("--output", default=None, help="plan file to write (default: print it)")
+    pl.set_defaults(func=cmd_plan, takes_rest=True)
+    r = sub.add_parser("run", help="run a staged plan: train, grow, train ... (resumes where it stopped)")
+    r.add_argument("plan")
+    r.add_argument("--output", default=None, help="run directory (default: PLAN without .yaml + _run)")
+    r.add_argument("--baseline", action="store_true", help="also train the target from scratch on the same budget")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
 
     ops = sub.add_parser("ops", help="growth operators").add_subparsers(dest="action", required=True)
     ops.add_parser("list", help="every operator, what it changes, whether it preserves the function").set_defaults(
@@ -125,14 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        print(f"error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
+        return 2
     for flag in ("target_tp", "target_pp"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 1
+    from megagrow.scheduling.timing import PlanError
     try:
-        return args.func(args)
-    except CheckpointError as e:
+        return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
+    except (CheckpointError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

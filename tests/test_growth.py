@@ -272,3 +272,95 @@ def test_masked_and_upper_layer_width_growth(data_dir, small, tmp_path):
     losses = run.losses()
     assert sorted(losses) == list(range(4, 11)) and losses[10] < losses[4]
     assert open_checkpoint(str(tmp_path / "llama_pdg")).args.growth_masks is None
+
+
+def test_learn_refuses_bad_input_in_one_line(small, tmp_path, capsys):
+    """In process (no interpreter start per case), except the data check, which starts torch.distributed."""
+    from megagrow.cli import main
+    out = tmp_path / "o"
+    grow = ["checkpoint", "grow", "--load", str(small / "llama"), "--save", str(out)]
+    for argv, needle in [(["--op", "learn", "--num-layers", "12"], "give the number of fitting steps"),
+                         (["--op", "learn:steps=0", "--num-layers", "12"], "steps=0 must be at least 1"),
+                         (["--op", "learn:steps=5,lr=fast", "--num-layers", "12"], "lr='fast' is not a number"),
+                         (["--op", "learn:steps=5,g=2", "--num-layers", "12"], "unknown parameter g"),
+                         (["--op", "learn:steps=5"], "learn needs --num-layers"),
+                         (["--op", "learn:steps=5,mode=x", "--ffn-hidden-size", "256"], "unknown parameter mode"),
+                         (["--op", "learn:steps=5", "--num-layers", "9"], "9 layers do not split into 2"),
+                         (["--op", "stack:g=2", "--data-path", "x"], "--data-path is read only by --op learn")]:
+        assert main(grow + argv) == 1, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (argv, lines)
+    res = megagrow(*grow, "--op", "learn:steps=2", "--num-layers", "12", "--data-path", str(tmp_path / "none"),
+                   check=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and "cannot read the training data" in lines[0], res.stderr
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
+
+
+@pytest.mark.slow
+def test_learned_growth_fits_its_maps_and_trains_on(data_dir, small, tmp_path):
+    """G_learn (LiGO): width maps start as fpi's; fitting lowers the grown model's held-out loss; Adam moments
+    go through the fitted linear map (second moments through its squared entries); the grown model trains on."""
+    import json
+    from megagrow.checkpoint.convert import open_checkpoint
+    from megagrow.growth.learn import LearnedGrowth
+    from megagrow.growth.width import WidthPlan
+    src = open_checkpoint(str(small / "llama"))
+    old = [src.read_layer(j) for j in range(6)]
+
+    # Before fitting, the width maps are fpi's: the same weights and moments (whole multiples of every size).
+    fpi = tmp_path / "fpi"
+    _grow(small / "llama", fpi, "fpi", *WIDE, "--target-tp", "1", "--target-pp", "1")
+    fpi_view = open_checkpoint(str(fpi))
+    names = list(old[0]["model"])
+    initial = LearnedGrowth(names, [], 6, None, WidthPlan(src.args, fpi_view.args, "learn:steps=1"))
+    want = fpi_view.read_layer(2)
+    for state, power in (("model", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
+        for name in names:
+            stacked = torch.stack([u[state][name] for u in old])
+            assert torch.allclose(initial.grow(name, stacked, power, layer=2), want[state][name], atol=1e-7), name
+
+    # Depth 6 -> 12: the loss falls while fitting; the moments follow the learned layer mix.
+    deep = tmp_path / "learn_deep"
+    res = _grow(small / "llama", deep, "learn:steps=20,lr=1e-2", "--num-layers", "12")
+    assert "learn: step 20/20" in res.stderr
+    record = json.load(open(deep / "learned_growth.json"))
+    assert len(record["train_loss"]) == 20 and record["heldout_loss_after"] < record["heldout_loss_before"]
+    mix = torch.load(deep / "learned_growth.pt")["depth.mlp__linear_fc2__weight"]  # 12 x 6
+    assert mix.shape == (12, 6) and mix[7].argmax() == 1 and 0 < (mix[7] - torch.eye(6)[1]).abs().max() < 0.5
+    grown = open_checkpoint(str(deep))
+    new, fc2 = grown.read_layer(7), "mlp.linear_fc2.weight"
+    for state, power in (("model", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
+        by_hand = sum(mix[7, j] ** power * old[j][state][fc2] for j in range(6))
+        assert torch.allclose(new[state][fc2], by_hand, rtol=1e-5, atol=1e-8), state
+    assert torch.equal(grown.read_globals()["model"]["output_layer.weight"], src.read_globals()["model"][
+        "output_layer.weight"])  # depth growth leaves the globals as they are
+
+    # The grown checkpoint resumes in the trainer at 12 layers, TP=2 PP=2, and its loss falls.
+    run = torchrun(4, tiny_args(data_dir, **{**LLAMA6, "--num-layers": "12", "--exit-interval": None,
+                                             "--load": str(deep), "--save": str(deep)}), tmp_path / "d.jsonl")
+    assert run.returncode == 0, run.output
+    losses = run.losses()
+    assert sorted(losses) == list(range(4, 11)) and losses[10] < losses[4]
+
+    # Width 64 -> 96, FFN 192 -> 256, 8 -> 12 heads (not whole multiples): the fitted maps apply to the moments.
+    wide = tmp_path / "learn_wide"
+    _grow(small / "llama", wide, "learn:steps=20,lr=1e-2", "--hidden-size", "96", "--ffn-hidden-size", "256",
+          "--num-attention-heads", "12", "--num-query-groups", "6", "--target-pp", "1")
+    record = json.load(open(wide / "learned_growth.json"))
+    assert record["heldout_loss_after"] < record["heldout_loss_before"]
+    assert sum(record["train_loss"][-5:]) < sum(record["train_loss"][:5])
+    maps = torch.load(wide / "learned_growth.pt")
+    rows, cols = maps["width.hidden_writes"], maps["width.units_reads"]  # 96 x 64, 256 x 192
+    new = open_checkpoint(str(wide)).read_layer(1)
+    for state, power in (("model", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
+        by_hand = rows ** power @ old[1][state][fc2] @ (cols ** power).T
+        assert torch.allclose(new[state][fc2], by_hand, rtol=1e-4, atol=1e-7), state
+    run = torchrun(2, tiny_args(data_dir, **{**LLAMA6, "--hidden-size": "96", "--ffn-hidden-size": "256",
+                                             "--num-attention-heads": "12", "--num-query-groups": "6",
+                                             "--kv-channels": "8", "--pipeline-model-parallel-size": "1",
+                                             "--train-iters": "6", "--exit-interval": None, "--load": str(wide)}),
+                   tmp_path / "w.jsonl")
+    assert run.returncode == 0, run.output
+    losses = run.losses()
+    assert sorted(losses) == [4, 5, 6] and losses[6] < losses[4]

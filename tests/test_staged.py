@@ -60,6 +60,9 @@ def test_three_stage_run_grows_twice_and_survives_a_kill(data_dir, tmp_path):
     losses = [s["final_valid_loss"] for s in stages]
     assert losses[0] > losses[1] > losses[2], losses  # the loss keeps falling across both growths
     assert os.path.exists(tmp_path / "whole" / "loss_vs_flops.png")
+    # The data order continues: stage 2's first iteration reads the samples after stage 1's last.
+    first = json.loads(open(tmp_path / "whole" / "stage1_4l" / "metrics.jsonl").readline())
+    assert first["iteration"] == 9 and first["consumed_samples"] == 9 * 8
     log = open(tmp_path / "whole" / "stage1_4l" / "log.txt").read()
     assert "LR schedule restarted at iteration 8" in log and "loaded checkpoint" in log
 
@@ -80,3 +83,29 @@ def test_three_stage_run_grows_twice_and_survives_a_kill(data_dir, tmp_path):
     resumed = final(tmp_path / "killed")["stages"]
     assert [s["decision"]["iteration"] for s in resumed] == [8, 16, 24]
     assert resumed[-1]["final_valid_loss"] == pytest.approx(losses[-1], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ecr_stage_fits_the_large_model_law_on_a_probe(data_dir, tmp_path):
+    path = staged_plan(data_dir, tmp_path / "plan.yaml")
+    raw = yaml.safe_load(open(path))
+    raw["stages"] = raw["stages"][:2]
+    raw["target"]["num_layers"] = 4
+    raw["training"]["eval_interval"] = 2
+    raw["stages"][0]["stop"] = {"policy": "ecr", "probe_iters": 10, "window": 3, "max_iteration": 12}
+    raw["stages"][1]["stop"] = {"policy": "flops"}
+    plan = Plan(**{**raw, "stages": [Stage(**s) for s in raw["stages"]]})
+    raw["budget"] = {"flops": 12 * plan.step_flops(plan.stages[0]) + 6 * plan.step_flops(plan.stages[1])}
+    yaml.safe_dump(raw, open(path, "w"))
+    proc = megagrow_run(path, tmp_path / "ecr")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    law = json.load(open(tmp_path / "ecr" / "probe_4l" / "law.json"))
+    assert law["a"] > 0 and law["b"] > 0 and "loss law of 4l" in output
+    decision = json.load(open(tmp_path / "ecr" / "stage0_2l" / "decision.json"))
+    assert decision["policy"] == "ecr" and decision["iteration"] <= 12
+    evidence = decision["evidence"]  # the rate and its threshold are kept even when max_iteration ended it
+    assert "E" in evidence and "law" in evidence and evidence["threshold"] < 1
+    if "last iteration" not in decision["reason"]:
+        assert evidence["E"] < evidence["threshold"]
+    assert final(tmp_path / "ecr")["stages"][1]["decision"]["reason"].startswith("flops")

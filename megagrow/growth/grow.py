@@ -17,7 +17,7 @@ from megagrow.checkpoint.convert import (VocabResized, check_source, open_checkp
                                          target_args, write_checkpoint)
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, expected_shapes
 from megagrow.growth.depth import GrowthError, NewLayer, connection_rate, describe
-from megagrow.growth.operators import depth_plan
+from megagrow.growth.operators import depth_plan, parse_spec
 from megagrow.model.init import init_global_tensor
 
 _OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
@@ -86,8 +86,10 @@ def _refuse_open_masks(view: CheckpointView, load: str) -> None:
 
 def grow(load: str, save: str, op: str, num_layers: int | None = None, target_tp: int | None = None,
          target_pp: int | None = None, fmt: str | None = None, seed: int | None = None, with_optimizer: bool = True,
-         force: bool = False, progress: bool = True, rechunk: bool = False) -> tuple[str, list[NewLayer]]:
-    """Grow the checkpoint at `load` into `save`; returns (iteration directory written, layer plan)."""
+         force: bool = False, progress: bool = True, rechunk: bool = False,
+         data_path: list[str] | None = None) -> tuple[str, list[NewLayer]]:
+    """Grow the checkpoint at `load` into `save`; returns (iteration directory written, layer plan;
+    for learn the plan its depth map starts from). `data_path`: learn's training data (default the run's)."""
     refuse_same_directory(load, save)
     view = open_checkpoint(load)
     _refuse_open_masks(view, load)
@@ -105,24 +107,33 @@ def grow(load: str, save: str, op: str, num_layers: int | None = None, target_tp
               "its attention still trains. --op zero (output projections zero) keeps the whole layer trainable.",
               file=sys.stderr)
     label = f"growing {src.num_layers} -> {len(plan)} layers ({op})"
-    pure_copy = all(layer.init == "copy" for layer in plan)
+    name, params = parse_spec(op)
+    pure_copy = name != "learn" and all(layer.init == "copy" for layer in plan)
     if pure_copy and view.format == fmt == "torch_dist" and not rechunk:
         out = write_checkpoint(view, save, args, fmt, with_optimizer and view.optimizer is not None, force, progress,
                                label, copy_chunks=True, layer_map=[layer.source for layer in plan])
     else:
-        grown = VocabResized(DepthGrownView(view, plan, args, seed), args.padded_vocab_size)
-        out = write_checkpoint(grown, save, args, fmt, with_optimizer and view.optimizer is not None, force,
-                               progress, label)
+        if name == "learn":
+            from megagrow.growth.learn import learned_view
+            inner = learned_view(view, args, params, seed, save, force, [layer.source for layer in plan],
+                                 data_path=data_path)
+        else:
+            inner = DepthGrownView(view, plan, args, seed)
+        out = write_checkpoint(VocabResized(inner, args.padded_vocab_size), save, args, fmt,
+                               with_optimizer and view.optimizer is not None, force, progress, label)
+        if name == "learn":
+            inner.save_record(save)
     return out, plan
 
 
 def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None = None,
                target_pp: int | None = None, fmt: str | None = None, seed: int | None = None,
-               with_optimizer: bool = True, force: bool = False, progress: bool = True) -> str:
+               with_optimizer: bool = True, force: bool = False, progress: bool = True,
+               data_path: list[str] | None = None) -> str:
     """Grow hidden/FFN size and heads (whole query groups); `sizes` holds the new values of
     hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups (None: unchanged)."""
     from megagrow.checkpoint.view import kv_channels
-    from megagrow.growth.width import WidthGrownView, WidthPlan
+    from megagrow.growth.width import MASKED, WidthGrownView, WidthPlan
     refuse_same_directory(load, save)
     view = open_checkpoint(load)
     _refuse_open_masks(view, load)
@@ -138,7 +149,7 @@ def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None
     elif not getattr(args, "group_query_attention", False):
         args.num_query_groups = args.num_attention_heads  # multi-head attention: one group per head, as the trainer sets
     plan = WidthPlan(src, args, op)
-    if plan.steps is not None:  # msg/pdg: the trainer opens the masks over the next `steps` iterations
+    if plan.op in MASKED:  # msg/pdg: the trainer opens the masks over the next `steps` iterations
         args.growth_masks = {"kind": plan.op, "begin": view.iteration, "end": view.iteration + plan.steps,
                              "hidden_size": src.hidden_size, "ffn_hidden_size": src.ffn_hidden_size,
                              "num_attention_heads": src.num_attention_heads}
@@ -149,11 +160,18 @@ def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None
               "the grown model computes the same function; pass it when training the grown model", file=sys.stderr)
     check_source(view, with_optimizer)
     seed = getattr(src, "seed", 1234) if seed is None else seed
-    grown = VocabResized(WidthGrownView(view, plan, args, seed), args.padded_vocab_size)
+    if plan.op == "learn":
+        from megagrow.growth.learn import learned_view
+        inner = learned_view(view, args, parse_spec(op)[1], seed, save, force, width=plan, data_path=data_path)
+    else:
+        inner = WidthGrownView(view, plan, args, seed)
     label = f"growing width h {src.hidden_size} -> {args.hidden_size}, ffn {src.ffn_hidden_size} -> " \
             f"{args.ffn_hidden_size}, heads {src.num_attention_heads} -> {args.num_attention_heads} ({op})"
-    return write_checkpoint(grown, save, args, fmt or view.format, with_optimizer and view.optimizer is not None,
-                            force, progress, label)
+    out = write_checkpoint(VocabResized(inner, args.padded_vocab_size), save, args, fmt or view.format,
+                           with_optimizer and view.optimizer is not None, force, progress, label)
+    if plan.op == "learn":
+        inner.save_record(save)
+    return out
 
 
 def plan_report(plan: list[NewLayer]) -> str:

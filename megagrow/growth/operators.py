@@ -1,9 +1,9 @@
 """The operator registry and spec grammar: `NAME[:ARG]` or `NAME:key=value,key=value`.
 
     stack:g=4            interpolate:g=2         partial:12-3456*5-56 (or partial:1-2,3-6*5,5-6)
-    lag:p=2,b=1,init=dup lag:last                redundant    zero    random
+    lag:p=2,b=1,init=dup lag:last                redundant    zero    random    learn:steps=200,lr=1e-3
     (width, with --hidden-size/--ffn-hidden-size/--num-attention-heads: direct, zero, random, fpi, aki,
-     msg:steps=N, pdg:steps=N; growth.width)
+     msg:steps=N, pdg:steps=N, learn:steps=N; growth.width; learn: growth.learn)
 
 Depth operators need the new depth from `--num-layers` unless the spec fixes it (stack/interpolate
 g, partial). Each operator says what it changes and whether the grown model computes the same
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from megagrow.growth import depth
+from megagrow.growth import depth, learn
 from megagrow.growth.depth import GrowthError, NewLayer
 
 
@@ -95,6 +95,9 @@ OPERATORS: dict[str, Operator] = {op.name: op for op in [
              "before with output projections (linear_proj, linear_fc2) zero", _evenly("zero_out")),
     Operator("random", "depth", False, "G_random: new layers inserted evenly, initialised as the trainer would",
              _evenly("random")),
+    Operator("learn", "depth", False, "G_learn, LiGO (learn:steps=N[,lr=X]): each new layer a learned linear mix of "
+             "the old ones, from stacking, fitted N steps on the grown model's LM loss",
+             learn.initial_depth_plan),
 ]}
 
 

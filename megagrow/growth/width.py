@@ -28,6 +28,7 @@ import torch
 
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, expected_shapes, kv_channels, query_groups, tied
 from megagrow.growth.depth import GrowthError
+from megagrow.growth.learn import learn_params
 from megagrow.model.init import init_global_tensor
 
 WIDTH_OPERATORS = {
@@ -38,6 +39,8 @@ WIDTH_OPERATORS = {
     "aki": (False, "bert2BERT AKI: as fpi, new units taken from the layer above"),
     "msg": (True, "masked structural growth (msg:steps=N): as direct, new width behind masks ramped 0 -> 1 in N steps"),
     "pdg": (True, "paper 002 progressive dimensionality growth (pdg:steps=N): new dims opened r per step over N steps"),
+    "learn": (False, "G_learn, LiGO (learn:steps=N[,lr=X]): width maps from fpi's (any sizes), fitted N steps on the "
+                     "grown model's LM loss (growth.learn)"),
 }
 MASKED = ("msg", "pdg")
 _MAIN_COPIES = ("param", "fp32_param")
@@ -61,7 +64,9 @@ class WidthPlan:
         if op not in WIDTH_OPERATORS:
             raise GrowthError(f"--op {op}: unknown width operator (width: {', '.join(WIDTH_OPERATORS)})")
         unknown = set(params) - ({"steps"} if op in MASKED else set())
-        if unknown:
+        if op == "learn":
+            self.learn = learn_params(params)  # (steps, lr); refuses unknown parameters itself
+        elif unknown:
             raise GrowthError(f"--op {spec}: unknown parameter {sorted(unknown)[0]}")
         self.op, self.old, self.new = op, old_args, new_args
         self.steps = None
@@ -73,8 +78,7 @@ class WidthPlan:
                     from None
             if self.steps < 1:
                 raise GrowthError(f"--op {spec}: steps must be at least 1")
-        h, f, a, q, d = (old_args.hidden_size, old_args.ffn_hidden_size, old_args.num_attention_heads,
-                         query_groups(old_args), kv_channels(old_args))
+        h, f, a, q = old_args.hidden_size, old_args.ffn_hidden_size, old_args.num_attention_heads, query_groups(old_args)
         H, F, A, Q = new_args.hidden_size, new_args.ffn_hidden_size, new_args.num_attention_heads, query_groups(new_args)
         for name, o, n in (("--hidden-size", h, H), ("--ffn-hidden-size", f, F), ("--num-attention-heads", a, A),
                            ("--num-query-groups", q, Q)):
@@ -85,7 +89,7 @@ class WidthPlan:
                               "query group (width growth adds whole query groups)")
         if (H, F, A) == (h, f, a):
             raise GrowthError("width growth: no size grows (give a larger --hidden-size, --ffn-hidden-size or heads)")
-        dup = op in ("fpi", "aki")
+        dup = op in ("fpi", "aki", "learn")  # learn starts from fpi's duplication
         if op == "fpi":
             for name, o, n in (("--hidden-size", h, H), ("--ffn-hidden-size", f, F), ("--num-query-groups", q, Q)):
                 if n % o:

@@ -113,7 +113,31 @@ class Driver:
         if policy == "ecr":
             nxt = self.plan.stages[index + 1]
             extra["flops_ratio"] = self.plan.step_flops(stage) / self.plan.step_flops(nxt)
-        return StopRule.from_plan(stage.stop, **extra)
+            if "law" not in stage.stop:
+                extra["law"] = self.probe_law(nxt, int(stage.stop.get("probe_iters", 50)))
+        return StopRule.from_plan({k: v for k, v in stage.stop.items() if k != "probe_iters"},
+                                  self.plan.tokens_per_iteration, **extra)
+
+    def probe_law(self, stage: Stage, iters: int) -> dict:
+        """The next model's loss law, fitted on a short run of it from scratch (paper 002's predicted curve)."""
+        where = StageRun(self.run_dir, f"probe_{stage.name}")
+        law_file = os.path.join(where.dir, "law.json")
+        if not os.path.exists(law_file):
+            if not where.decision():
+                self.train(Stage(name=f"probe_{stage.name}", model=stage.model, parallel=stage.parallel), where, 0,
+                           StopRule(policy="iters", iteration=iters), eval_interval=max(1, iters // 10))
+            from megagrow.analysis.report import read_metrics
+            from megagrow.scheduling.timing import fit_loss_law
+            valid = read_metrics(os.path.join(where.dir, "metrics.jsonl"))["valid"]
+            law = fit_loss_law([r["iteration"] for r in valid], [r["lm loss"] for r in valid])
+            record = {"a": law.a, "b": law.b, "c": law.c, "probe_flops": valid[-1]["flops"]}
+            with open(law_file + ".tmp", "w") as f:
+                json.dump(record, f)
+            os.replace(law_file + ".tmp", law_file)
+            self.say(f"[{where.name}] loss law of {stage.name}: L(n) = {law.a:.4g} n^-{law.b:.4g} + {law.c:.4g}")
+        with open(law_file) as f:
+            record = json.load(f)
+        return {k: record[k] for k in ("a", "b", "c")}
 
     def grow(self, source: Stage, stage: Stage, previous: StageRun, where: StageRun) -> None:
         from megagrow.growth.grow import grow, grow_width
@@ -134,10 +158,12 @@ class Driver:
             grow(previous.ckpt, where.ckpt, op, new.num_layers, tp, pp, fmt, force=force, progress=False)
 
     def stage_argv(self, stage: Stage, where: StageRun, start: int, rule: StopRule,
-                   decay_iters: int | None) -> list[str]:
+                   decay_iters: int | None, eval_interval: int | None = None) -> list[str]:
         plan, a = self.plan, self.plan.model_args(stage)
         par = {k: v for k, v in stage.parallel.items() if k != "nproc"}
         training = {k: v for k, v in plan.training.items() if k not in _CONTROLLED}
+        if eval_interval:
+            training["eval_interval"] = eval_interval
         lr = stage.lr.get("schedule", "continue")
         schedule = {"lr_decay_iters": decay_iters or self.total}
         if lr in ("rewarm", "constant") and start:
@@ -156,12 +182,13 @@ class Driver:
             argv += ["--load", where.ckpt]
         return argv
 
-    def train(self, stage: Stage, where: StageRun, start: int, rule: StopRule, decay_iters: int | None = None) -> dict:
+    def train(self, stage: Stage, where: StageRun, start: int, rule: StopRule, decay_iters: int | None = None,
+              eval_interval: int | None = None) -> dict:
         os.makedirs(where.dir, exist_ok=True)
         resumed = read_tracker(where.ckpt)
         self.say(f"[{where.name}] training {self.plan.model_args(stage).num_layers} layers from iteration "
                  f"{resumed or start} until {rule.policy}" + (f" (resuming {where.ckpt})" if resumed else ""))
-        step = JobStep(stage.parallel.get("nproc", 1), self.stage_argv(stage, where, start, rule, decay_iters),
+        step = JobStep(stage.parallel.get("nproc", 1), self.stage_argv(stage, where, start, rule, decay_iters, eval_interval),
                        os.path.join(where.dir, "log.txt"), self.pid_file)
         try:
             for line in step.lines():

@@ -107,8 +107,13 @@ class Plan:
             if stage.lr.get("schedule", "continue") not in LR_SCHEDULES:
                 raise PlanError(f"stage {stage.name}: lr.schedule must be one of {', '.join(LR_SCHEDULES)}")
             policy = stage.stop.get("policy")
-            StopRule.from_plan(stage.stop, **({"flops": self.budget["flops"]} if policy == "flops" else {}),
-                               **({"flops_ratio": 1.0} if policy == "ecr" else {}))
+            if policy == "ecr" and "law" not in stage.stop and i == len(self.stages) - 1:
+                raise PlanError(f"stage {stage.name}: ecr needs a next stage to compare with")
+            StopRule.from_plan({k: v for k, v in stage.stop.items() if k != "probe_iters"},
+                               **({"flops": self.budget["flops"]} if policy == "flops" else {}),
+                               **({"flops_ratio": 1.0, "law": stage.stop.get("law", {"a": 1, "b": 1, "c": 0})}
+                                  if policy == "ecr" else {}),
+                               **({"iteration": 0} if policy == "tokens" else {}))
         if self.stages[-1].stop["policy"] != "flops":
             raise PlanError("the last stage must stop on the budget (stop: {policy: flops})")
         last = self.model_args(self.stages[-1])

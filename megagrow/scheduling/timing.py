@@ -108,9 +108,13 @@ class StopRule:
             raise PlanError("policy ecr: needs the large model's loss law {a, b, c} and flops_ratio F_s/F_t")
 
     @classmethod
-    def from_plan(cls, stop: dict, **fields) -> "StopRule":
-        """From a plan's `stop:` entry (its `tokens` and `evidence` are notes for people) plus run-time fields."""
-        return cls(**{k: v for k, v in {**stop, **fields}.items() if k not in ("tokens", "evidence")})
+    def from_plan(cls, stop: dict, tokens_per_iteration: int | None = None, **fields) -> "StopRule":
+        """From a plan's `stop:` entry plus run-time fields (`start`, budget, ...). `evidence` is a note for
+        people; `tokens` (policy tokens) becomes the end iteration, counted from the stage's start."""
+        values = {k: v for k, v in {**stop, **fields}.items() if k not in ("tokens", "evidence")}
+        if stop.get("policy") == "tokens" and "iteration" not in stop and tokens_per_iteration:
+            values["iteration"] = values.get("start", 0) + math.ceil(stop["tokens"] / tokens_per_iteration)
+        return cls(**values)
 
     def after_step(self, iteration: int, flops_so_far: float, next_step_flops: float) -> Decision:
         """Rules that need no evaluation: checked after every iteration."""

@@ -18,7 +18,25 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+def _run_plan(argv: list[str]) -> None:
+    """`pretrain_gpt.py --growth-plan PLAN [--save RUN_DIR]`: the staged-run driver (not under torchrun)."""
+    import argparse
+    from megagrow.scheduling.driver import run
+    from megagrow.scheduling.timing import PlanError
+    p = argparse.ArgumentParser(prog="pretrain_gpt.py --growth-plan")
+    p.add_argument("--growth-plan", required=True)
+    p.add_argument("--save", default=None, help="run directory")
+    a = p.parse_args(argv)
+    try:
+        run(a.growth_plan, a.save)
+    except (PlanError, CheckpointError) as e:
+        _fail(str(e))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--growth-plan" or arg.startswith("--growth-plan=") for arg in argv):
+        return _run_plan(argv)
     try:
         args = parse_args(argv)
     except (ArgumentError, CheckpointError) as e:

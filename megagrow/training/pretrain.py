@@ -227,10 +227,12 @@ def pretrain(args) -> TrainState:
         log.validation(state.iteration, loss, where)
         args.validation_curve.append((state.iteration, loss, args.num_floating_point_operations_so_far))
 
+    seen: dict = {}  # the last evaluation's evidence, kept with a stop on the stage's last iteration
     while state.iteration < args.train_iters:
         decision = rule.after_step(state.iteration, args.num_floating_point_operations_so_far, step_flops) \
             if rule else None
         if decision and decision.stop:  # also right after loading a stage's last checkpoint
+            decision.evidence = {**seen, **decision.evidence}
             if not args.validation_curve or args.validation_curve[-1][0] != state.iteration:
                 validate(f"at the end of the stage (iteration {state.iteration})")
             break
@@ -239,6 +241,7 @@ def pretrain(args) -> TrainState:
         if args.eval_interval and it % args.eval_interval == 0 and it < args.train_iters:
             validate(f"at iteration {it}")
             decision = rule.after_evaluation(args.validation_curve) if rule else None
+            seen = decision.evidence if decision else seen
             if decision and decision.stop:
                 break
         if args.exit_interval and it % args.exit_interval == 0:
