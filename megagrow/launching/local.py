@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,10 +44,11 @@ def kill_stale(pid_file: str) -> None:
 
 
 class JobStep:
-    """One `torchrun --nproc-per-node N pretrain_gpt.py ...` (or any script) with its output in a log file."""
+    """One `torchrun --nproc-per-node N pretrain_gpt.py ...` whose output goes to a log file (and `on_line`)."""
 
-    def __init__(self, nproc: int, script_argv: list[str], log_path: str, pid_file: str, env: dict | None = None):
-        self.log_path, self.pid_file = log_path, pid_file
+    def __init__(self, nproc: int, script_argv: list[str], log_path: str, pid_file: str, on_line=None,
+                 env: dict | None = None):
+        self.log_path, self.pid_file, self.started = log_path, pid_file, time.time()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *script_argv]
         self.log = open(log_path, "a")
@@ -54,16 +56,27 @@ class JobStep:
                                      start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         with open(pid_file, "w") as f:
             f.write(str(self.proc.pid))
+        # A reader thread per step: concurrent steps never block on a full pipe.
+        self._reader = threading.Thread(target=self._read, args=(on_line,), daemon=True)
+        self._reader.start()
 
-    def lines(self):
-        """Yield the step's output lines as they come (also appended to its log)."""
+    def _read(self, on_line) -> None:
         for line in self.proc.stdout:
             self.log.write(line)
             self.log.flush()
-            yield line.rstrip("\n")
+            if on_line:
+                on_line(line.rstrip("\n"))
 
-    def wait(self) -> int:
-        rc = self.proc.wait()
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code, or None if the step still runs after `timeout` seconds."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._reader.join()
         self.log.close()
         if os.path.exists(self.pid_file):
             os.remove(self.pid_file)

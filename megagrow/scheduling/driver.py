@@ -18,6 +18,7 @@ import json
 import os
 
 from megagrow.checkpoint.errors import read_tracker
+from megagrow.lag.probe import LagProbing, lag_k
 from megagrow.launching.local import JobStep, kill_stale
 from megagrow.scheduling.plan import Plan, Stage, dump_plan, load_plan
 from megagrow.scheduling.timing import PlanError, StopRule
@@ -92,7 +93,10 @@ class Driver:
                 self.say(f"[{where.name}] done earlier: stopped at iteration {done['iteration']} ({done['reason']})")
             else:
                 if previous is not None and read_tracker(where.ckpt) is None:
-                    self.grow(self.plan.stages[i - 1], stage, previous, where)
+                    if lag_k(stage.grow["op"]) is not None:  # choose the operator by LAG, continue from the winner
+                        LagProbing(self, self.plan.stages[i - 1], stage, previous, where, start).run()
+                    else:
+                        self.grow(self.plan.stages[i - 1], stage, previous, where)
                 done = self.train(stage, where, start, self.rule(i, start))
             start, previous = done["iteration"], where
         if baseline:
@@ -139,7 +143,7 @@ class Driver:
             record = json.load(f)
         return {k: record[k] for k in ("a", "b", "c")}
 
-    def grow(self, source: Stage, stage: Stage, previous: StageRun, where: StageRun) -> None:
+    def grow(self, source: Stage, stage: Stage, previous: StageRun, where: StageRun, op: str | None = None) -> None:
         from megagrow.growth.grow import grow, grow_width
         old, new = self.plan.model_args(source), self.plan.model_args(stage)
         par = stage.parallel
@@ -148,7 +152,7 @@ class Driver:
         force = os.path.isdir(where.ckpt)  # a growth that was killed: its output never got a tracker
         os.makedirs(where.dir, exist_ok=True)
         widths = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-        op = stage.grow["op"]
+        op = op or stage.grow["op"]
         self.say(f"[{where.name}] growing {previous.name} ({old.num_layers} layers, hidden {old.hidden_size}) -> "
                  f"{new.num_layers} layers, hidden {new.hidden_size} with {op}")
         if any(getattr(old, w) != getattr(new, w) for w in widths):
@@ -178,9 +182,25 @@ class Driver:
                 "--metrics-file", os.path.join(where.dir, "metrics.jsonl"),
                 "--tensorboard-dir", os.path.join(where.dir, "tb"),
                 "--stage-stop", json.dumps(vars(rule)), "--stage-decision-file", where.decision_file]
-        if read_tracker(where.ckpt) is not None:
+        loaded = read_tracker(where.ckpt)
+        if loaded is not None:
             argv += ["--load", where.ckpt]
+        lag = os.path.join(where.dir, "lag.json")
+        if loaded is not None and os.path.exists(lag):
+            with open(lag) as f:
+                record = json.load(f)
+            if loaded == record["start"] + record["k"]:
+                argv.append("--eval-on-start")  # evidence that the stage goes on from the winner's state
         return argv
+
+    def launch(self, stage: Stage, where: StageRun, start: int, rule: StopRule, decay_iters: int | None,
+               eval_interval: int | None, pid_file: str) -> JobStep:
+        def show(line: str) -> None:
+            if self.progress and any(key in line for key in _SHOWN):
+                print(f"[{where.name}] {line.strip()}", flush=True)
+        return JobStep(stage.parallel.get("nproc", 1),
+                       self.stage_argv(stage, where, start, rule, decay_iters, eval_interval),
+                       os.path.join(where.dir, "log.txt"), pid_file, on_line=show)
 
     def train(self, stage: Stage, where: StageRun, start: int, rule: StopRule, decay_iters: int | None = None,
               eval_interval: int | None = None) -> dict:
@@ -188,16 +208,13 @@ class Driver:
         resumed = read_tracker(where.ckpt)
         self.say(f"[{where.name}] training {self.plan.model_args(stage).num_layers} layers from iteration "
                  f"{resumed or start} until {rule.policy}" + (f" (resuming {where.ckpt})" if resumed else ""))
-        step = JobStep(stage.parallel.get("nproc", 1), self.stage_argv(stage, where, start, rule, decay_iters, eval_interval),
-                       os.path.join(where.dir, "log.txt"), self.pid_file)
+        step = self.launch(stage, where, start, rule, decay_iters, eval_interval, self.pid_file)
         try:
-            for line in step.lines():
-                if self.progress and any(key in line for key in _SHOWN):
-                    print(f"[{where.name}] {line.strip()}", flush=True)
-        finally:
-            if step.proc.poll() is None:
-                step.kill()
             rc = step.wait()
+        finally:
+            if step.poll() is None:
+                step.kill()
+                step.wait()
         decision = where.decision()
         if rc != 0 or decision is None:
             raise PlanError(f"stage {where.name} failed (exit code {rc}); see {os.path.join(where.dir, 'log.txt')}")

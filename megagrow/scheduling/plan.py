@@ -175,7 +175,6 @@ def make_plan(target: dict, vocab_size: int, training: dict, data: dict, *, flop
             raise PlanError("give the budget as --train-tokens or --budget-flops")
         flops = math.ceil(tokens / per_iter) * plan.step_flops()
     plan.budget = {"flops": float(flops), "target_scratch_tokens": int(flops / plan.step_flops() * per_iter)}
-    n_target = plan.parameters()
     scratch_tokens = plan.budget["target_scratch_tokens"]
     start = 0
     for i, depth in enumerate(depths):

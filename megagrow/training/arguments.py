@@ -70,6 +70,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-stop", default=None,
                    help="JSON stop rule of this stage (megagrow.scheduling.timing.StopRule): save and exit when it fires")
     g.add_argument("--stage-decision-file", default=None, help="where the stop rule's decision and evidence go (JSON)")
+    g.add_argument("--eval-on-start", action="store_true",
+                   help="evaluate once after loading, before training (a stage continuing from a LAG probe)")
     g.add_argument("--restart-lr-schedule-at", type=int, default=None,
                    help="when the loaded checkpoint is at this iteration, start the LR schedule afresh from these "
                         "flags (re-warm at a stage boundary) instead of the checkpoint's")

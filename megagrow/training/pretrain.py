@@ -25,7 +25,7 @@ from megagrow.data.loader import build_datasets, microbatches
 from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_impl
 from megagrow.model.growth_masks import install_growth_masks
 from megagrow.model.layout import padded_vocab_size
-from megagrow.runtime.distributed import destroy, initialize_distributed, print_rank_0, set_seeds
+from megagrow.runtime.distributed import initialize_distributed, print_rank_0, set_seeds
 from megagrow.scheduling.timing import StopRule
 from megagrow.training.metrics import MetricsLogger, num_floating_point_operations
 
@@ -227,6 +227,8 @@ def pretrain(args) -> TrainState:
         log.validation(state.iteration, loss, where)
         args.validation_curve.append((state.iteration, loss, args.num_floating_point_operations_so_far))
 
+    if args.eval_on_start:
+        validate(f"at the start (iteration {state.iteration})")
     seen: dict = {}  # the last evaluation's evidence, kept with a stop on the stage's last iteration
     while state.iteration < args.train_iters:
         decision = rule.after_step(state.iteration, args.num_floating_point_operations_so_far, step_flops) \
