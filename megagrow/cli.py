@@ -122,7 +122,8 @@ def cmd_plan(a, rest: list[str]) -> int:
     options = json.loads(a.policy_options) if a.policy_options else None
     plan = make_plan(target, vocab, training, data, flops=a.budget_flops, tokens=a.train_tokens,
                      growth_factor=a.growth_factor, stages=a.stages, op=a.op, policy=a.policy,
-                     max_small_fraction=a.max_small_fraction, parallel=parallel, policy_options=options)
+                     max_small_fraction=a.max_small_fraction, parallel=parallel, policy_options=options,
+                     lag_k=a.lag, lag_groups=a.lag_groups)
     print(describe(plan))
     if a.output:
         with open(a.output, "w") as f:
@@ -140,6 +141,33 @@ def cmd_run(a) -> int:
         print(f"speed-up: {summary['speedup']:.2f}")
     print(f"report: {os.path.join(a.output or os.path.splitext(a.plan)[0] + '_run', 'report.md')}")
     return 0
+
+
+def cmd_lag_analyze(a) -> int:
+    from megagrow.lag.study import analyze_dir
+    for lag, s in analyze_dir(a.run_dir).items():
+        _print_lag(lag, s)
+    return 0
+
+
+def cmd_lag_study(a) -> int:
+    from megagrow.lag.study import study
+    for lag, s in study(a.load, a.num_layers, a.steps, a.output, a.space, a.candidates or (), a.groups, a.nproc,
+                        a.eval_interval, a.time_limit).items():
+        _print_lag(lag, s)
+    return 0
+
+
+def _print_lag(lag: str, s: dict) -> None:
+    def num(x):
+        return "nan" if x is None else f"{x:+.3f}"
+    print(f"{lag}: {len(s['specs'])} candidates, final best {s['final_best']}; ordering settles at step "
+          f"{s['settling_step']}")
+    print(f"{'step':>6} {'pearson':>8} {'spearman':>8} {'recall@1':>8} {'regret':>8}  chosen")
+    for i, step in enumerate(s["steps"]):
+        print(f"{step:>6} {num(s['pearson'][i]):>8} {num(s['spearman'][i]):>8} {s['recall_at_k']['1'][i]:>8} "
+              f"{num(s['regret'][i]):>8}  {s['chosen'][i]}")
+    print(f"figures and lag_analysis.json in {os.path.join(os.path.dirname(lag), 'analysis')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-small-fraction", type=float, default=0.25,
                     help="clamp the formula's small-model tokens to this share of the budget's tokens")
     pl.add_argument("--nproc", type=int, default=1, help="processes per stage (TP x PP x DP)")
+    pl.add_argument("--lag", type=int, default=None, metavar="K",
+                    help="choose each growth operator by LAG@K (adaptive stacking with --stages > 2)")
+    pl.add_argument("--lag-groups", type=int, default=1, help="LAG probes running at a time")
     pl.add_argument("--output", default=None, help="plan file to write (default: print it)")
     pl.set_defaults(func=cmd_plan, takes_rest=True)
     r = sub.add_parser("run", help="run a staged plan: train, grow, train ... (resumes where it stopped)")
@@ -206,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--baseline", action="store_true", help="also train the target from scratch on the same budget")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
+
+    lag = sub.add_parser("lag", help="Landscape-Aware Growing: analyses and studies").add_subparsers(
+        dest="action", required=True)
+    la = lag.add_parser("analyze", help="correlations, recall@k, regret of a run's LAG probes; figures")
+    la.add_argument("run_dir")
+    la.set_defaults(func=cmd_lag_analyze)
+    ls = lag.add_parser("study", help="grow a checkpoint with every candidate, train each to the end, analyse")
+    ls.add_argument("--load", required=True)
+    ls.add_argument("--num-layers", type=int, required=True, help="depth of the grown models")
+    ls.add_argument("--steps", type=int, required=True, help="iterations each grown model trains")
+    ls.add_argument("--output", required=True)
+    ls.add_argument("--space", choices=["all", "dup", "none"], default="all", help="LAG's design space for L -> L'")
+    ls.add_argument("--candidates", nargs="*", default=None, help="more operator specs")
+    ls.add_argument("--groups", type=int, default=1, help="candidates training at a time")
+    ls.add_argument("--nproc", type=int, default=1, help="processes per candidate")
+    ls.add_argument("--eval-interval", type=int, default=None, help="default: steps / 20")
+    ls.add_argument("--time-limit", type=float, default=None, help="seconds per candidate")
+    ls.set_defaults(func=cmd_lag_study)
 
     ops = sub.add_parser("ops", help="growth operators").add_subparsers(dest="action", required=True)
     ops.add_parser("list", help="every operator, what it changes, whether it preserves the function").set_defaults(

@@ -8,6 +8,8 @@ import time
 import pytest
 import yaml
 
+from conftest import tiny_args, torchrun
+from test_checkpoint import megagrow
 from test_staged import final, megagrow_run, staged_plan
 
 from megagrow.lag.probe import candidates, design_space, slug
@@ -67,6 +69,25 @@ def test_lag_picks_the_best_probe_and_continues_from_it(data_dir, tmp_path):
     at_start = [r["lm loss"] for r in records if r["kind"] == "valid" and r["iteration"] == 10]
     assert len(at_start) == 2 and at_start[0] == at_start[1] == res[best]["curve"][-1][1]
     assert final(tmp_path / "run")["stages"][1]["decision"]["reason"].startswith("flops")
+    # megagrow lag analyze: the probes' curves against their last step.
+    out = megagrow("lag", "analyze", str(tmp_path / "run"))
+    analysis = json.load(open(tmp_path / "run" / "stage1_4l" / "analysis" / "lag_analysis.json"))
+    assert analysis["final_best"] == best and analysis["steps"] == [2, 4] and "settles" in out.stdout
+    assert (tmp_path / "run" / "stage1_4l" / "analysis" / "self_correlation.png").exists()
+
+
+@pytest.mark.slow
+def test_lag_study_trains_every_candidate_to_the_end(data_dir, tmp_path):
+    src = tmp_path / "src"
+    run = torchrun(1, tiny_args(data_dir, **{"--num-layers": "2", "--train-iters": "4", "--save": str(src)}),
+                   tmp_path / "src.jsonl")
+    assert run.returncode == 0, run.output
+    out = megagrow("lag", "study", "--load", str(src), "--num-layers", "3", "--steps", "6", "--output",
+                   str(tmp_path / "study"), "--groups", "2", "--eval-interval", "2")
+    s = json.load(open(tmp_path / "study" / "study" / "analysis" / "lag_analysis.json"))
+    assert sorted(s["specs"]) == sorted(design_space(2, 3)) and s["steps"] == [2, 4, 6]
+    assert s["regret"][-1] == 0 and s["recall_at_k"]["1"][-1] == 1  # at the end, the choice is the best
+    assert "ordering settles" in out.stdout
 
 
 @pytest.mark.slow

@@ -148,7 +148,7 @@ def dump_plan(plan: Plan) -> str:
 def make_plan(target: dict, vocab_size: int, training: dict, data: dict, *, flops: float | None = None,
               tokens: float | None = None, growth_factor: int = 4, stages: int = 2, op: str = "stack",
               policy: str = "formula", max_small_fraction: float = 0.25, parallel: dict | None = None,
-              policy_options: dict | None = None) -> Plan:
+              policy_options: dict | None = None, lag_k: int | None = None, lag_groups: int = 1) -> Plan:
     """A G_stack plan: the small model(s) at L/g layers, grown `stages - 1` times into the target."""
     L = target["num_layers"]
     if not 2 <= growth_factor <= 4:
@@ -183,6 +183,11 @@ def make_plan(target: dict, vocab_size: int, training: dict, data: dict, *, flop
         if i:
             prev = depths[i - 1]
             stage.grow = {"op": f"stack:g={depth // prev}" if op == "stack" and depth % prev == 0 else "lag:last"}
+            if lag_k:  # choose the operator by LAG@k: the duplication design space, or stack vs interpolate
+                fits = depth - prev <= prev
+                stage.grow = {"op": f"lag:k={lag_k}", "space": "dup" if fits else False, "groups": lag_groups,
+                              "candidates": [] if fits else [stage.grow["op"], f"interpolate:g={depth // prev}"]
+                              if depth % prev == 0 else ["lag:last"]}
             stage.lr = {"schedule": "continue"}
         if i == len(depths) - 1:
             stage.stop = {"policy": "flops"}
