@@ -136,7 +136,12 @@ def cmd_plan(a, rest: list[str]) -> int:
 
 def cmd_run(a) -> int:
     from megagrow.scheduling.driver import run
-    summary = run(a.plan, a.output, baseline=a.baseline, progress=not a.quiet)
+    if a.dry_run:
+        from megagrow.scheduling.driver import dry_run
+        for name, cmd in dry_run(a.plan, a.launcher):
+            print(f"{name}: {' '.join(cmd)}")
+        return 0
+    summary = run(a.plan, a.output, baseline=a.baseline, progress=not a.quiet, launcher=a.launcher)
     if summary.get("speedup") is not None:
         print(f"speed-up: {summary['speedup']:.2f}")
     print(f"report: {os.path.join(a.output or os.path.splitext(a.plan)[0] + '_run', 'report.md')}")
@@ -236,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", default=None, help="run directory (default: PLAN without .yaml + _run)")
     r.add_argument("--baseline", action="store_true", help="also train the target from scratch on the same budget")
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--launcher", choices=["auto", "local", "slurm"], default="auto",
+                   help="job steps as torchrun here, or srun inside a SLURM allocation (auto: srun when in one)")
+    r.add_argument("--dry-run", action="store_true", help="print each stage's launch command, run nothing")
     r.set_defaults(func=cmd_run)
 
     lag = sub.add_parser("lag", help="Landscape-Aware Growing: analyses and studies").add_subparsers(
@@ -271,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 1
+    from megagrow.scheduling.driver import Interrupted
     from megagrow.scheduling.timing import PlanError
     try:
         return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
     except (CheckpointError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

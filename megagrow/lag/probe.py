@@ -94,8 +94,8 @@ class LagProbing:
         return d.launch(self.stage, probe, self.start, rule, None, min(every, self.k),
                         os.path.join(probe.dir, "step.pgid"))
 
-    def _finish(self, spec: str, rc: int | None, seconds: float) -> None:
-        probe = self.probes[spec]
+    def _finish(self, spec: str, rc: int | None, started: float) -> None:
+        probe, seconds = self.probes[spec], time.time() - started
         if rc is None:
             reason = f"ran past the time limit of {self.time_limit} s"
         elif rc != 0 or probe.decision() is None:
@@ -105,7 +105,7 @@ class LagProbing:
             valid = read_metrics(os.path.join(probe.dir, "metrics.jsonl"))["valid"]
             curve = [[r["iteration"] - self.start, r["lm loss"]] for r in valid if r["iteration"] > self.start]
             self._write_result(spec, {"status": "done", "curve": curve, "final_loss": None,
-                                      "flops": valid[-1]["flops"], "seconds": round(seconds, 1)})
+                                      "flops": valid[-1]["flops"], "started": started, "ended": time.time()})
             self.driver.say(f"[{self.where.name}] probe {spec}: validation loss {curve[-1][1]:.4f} after {self.k} "
                             f"iterations ({seconds:.0f} s)")
             return
@@ -134,7 +134,11 @@ class LagProbing:
                 if rc is None:
                     step.kill()
                 step.wait()
-                self._finish(spec, None if rc is None else rc, time.time() - step.started)
+                self.driver.running.discard(step)
+                if self.driver.interrupted:
+                    from megagrow.scheduling.driver import Interrupted
+                    raise Interrupted("LAG probes stopped on a signal; run the same command again to resume")
+                self._finish(spec, None if rc is None else rc, step.started)
                 del running[spec]
 
     def run(self) -> str:

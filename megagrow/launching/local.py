@@ -1,7 +1,7 @@
 """Launching a distributed job step on this machine: torchrun in its own process group.
 
-The driver only sees `JobStep`s (start, stream lines, wait, kill); a cluster launcher (srun job
-steps) offers the same. Each step runs in a new session so that killing the step kills every rank,
+The driver only sees a launcher's `start(...)` and the `JobStep` it returns (poll, wait, signal,
+kill); `launching.slurm` offers the same with srun job steps inside an allocation. Each step runs in a new session so that killing the step kills every rank,
 and its process-group id is written to a file: a driver that was SIGKILLed leaves that file behind,
 and the next driver kills the orphaned ranks before it resumes (two trainers must never write the
 same checkpoint directory).
@@ -44,13 +44,12 @@ def kill_stale(pid_file: str) -> None:
 
 
 class JobStep:
-    """One `torchrun --nproc-per-node N pretrain_gpt.py ...` whose output goes to a log file (and `on_line`)."""
+    """One launched command (all ranks of a job step) whose output goes to a log file (and `on_line`)."""
 
-    def __init__(self, nproc: int, script_argv: list[str], log_path: str, pid_file: str, on_line=None,
-                 env: dict | None = None):
-        self.log_path, self.pid_file, self.started = log_path, pid_file, time.time()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *script_argv]
+    def __init__(self, cmd: list[str], log_path: str, pid_file: str, on_line=None, env: dict | None = None,
+                 on_exit=None):
+        self.log_path, self.pid_file, self.started, self.on_exit = log_path, pid_file, time.time(), on_exit
+        self.cmd = cmd
         self.log = open(log_path, "a")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -80,10 +79,31 @@ class JobStep:
         self.log.close()
         if os.path.exists(self.pid_file):
             os.remove(self.pid_file)
+        if self.on_exit:
+            self.on_exit()
+            self.on_exit = None
         return rc
+
+    def signal(self, sig: int) -> None:
+        """Pass a signal to every rank (a stage saves and exits on SIGTERM/SIGUSR1)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def kill(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class LocalLauncher:
+    """Job steps on this machine: torchrun with `nproc` processes."""
+    kind = "local"
+
+    def start(self, nproc: int, script_argv: list[str], log_path: str, pid_file: str, on_line=None,
+              name: str = "step") -> JobStep:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *script_argv]
+        return JobStep(cmd, log_path, pid_file, on_line)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 from megagrow.checkpoint.errors import read_tracker
 from megagrow.lag.probe import LagProbing, lag_k
 from megagrow.launching.local import JobStep, kill_stale
+from megagrow.launching.slurm import make_launcher
 from megagrow.scheduling.plan import Plan, Stage, dump_plan, load_plan
 from megagrow.scheduling.timing import PlanError, StopRule
 
@@ -60,9 +62,16 @@ class StageRun:
             return json.load(f)
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGUSR1 reached the driver: the running stage saved its checkpoint; re-run to resume."""
+
+
 class Driver:
-    def __init__(self, plan_path: str, run_dir: str, progress: bool = True):
+    def __init__(self, plan_path: str, run_dir: str, progress: bool = True, launcher: str = "auto"):
         self.plan: Plan = load_plan(plan_path)
+        self.launcher = make_launcher(launcher)
+        self.running: set = set()
+        self.interrupted = False
         self.run_dir, self.progress = run_dir, progress
         os.makedirs(run_dir, exist_ok=True)
         saved = os.path.join(run_dir, "plan.yaml")
@@ -85,7 +94,16 @@ class Driver:
     def stages(self) -> list[tuple[Stage, StageRun]]:
         return [(s, StageRun(self.run_dir, f"stage{i}_{s.name}")) for i, s in enumerate(self.plan.stages)]
 
+    def _on_signal(self, signum, frame) -> None:
+        """Before a time limit (or on scancel): every running stage saves and exits; so does the driver."""
+        self.interrupted = True
+        self.say(f"signal {signum}: asking the running steps to save and exit")
+        for step in list(self.running):
+            step.signal(signal.SIGTERM)
+
     def run(self, baseline: bool = False) -> dict:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         start, previous = 0, None
         for i, (stage, where) in enumerate(self.stages()):
             done = where.decision()
@@ -176,7 +194,7 @@ class Driver:
                                                         training.get("lr_warmup_iters", 0))}
             if lr == "constant":
                 schedule["lr_decay_style"] = "constant"
-        argv = ["pretrain_gpt.py", *as_flags({**plan.target, **stage.model, "kv_channels": a.kv_channels}),
+        argv = ["pretrain_gpt.py", "--exit-signal-handler", *as_flags({**plan.target, **stage.model, "kv_channels": a.kv_channels}),
                 *as_flags({**training, **schedule}), *as_flags(plan.data), *as_flags(par),
                 "--train-iters", str(plan.max_iterations()), "--save", where.ckpt,
                 "--metrics-file", os.path.join(where.dir, "metrics.jsonl"),
@@ -198,9 +216,11 @@ class Driver:
         def show(line: str) -> None:
             if self.progress and any(key in line for key in _SHOWN):
                 print(f"[{where.name}] {line.strip()}", flush=True)
-        return JobStep(stage.parallel.get("nproc", 1),
-                       self.stage_argv(stage, where, start, rule, decay_iters, eval_interval),
-                       os.path.join(where.dir, "log.txt"), pid_file, on_line=show)
+        step = self.launcher.start(stage.parallel.get("nproc", 1),
+                                   self.stage_argv(stage, where, start, rule, decay_iters, eval_interval),
+                                   os.path.join(where.dir, "log.txt"), pid_file, on_line=show, name=where.name)
+        self.running.add(step)
+        return step
 
     def train(self, stage: Stage, where: StageRun, start: int, rule: StopRule, decay_iters: int | None = None,
               eval_interval: int | None = None) -> dict:
@@ -211,18 +231,56 @@ class Driver:
         step = self.launch(stage, where, start, rule, decay_iters, eval_interval, self.pid_file)
         try:
             rc = step.wait()
+            while rc is None:  # wait() returns None only on a timeout; keep signals deliverable meanwhile
+                rc = step.wait()
         finally:
             if step.poll() is None:
                 step.kill()
                 step.wait()
+            self.running.discard(step)
         decision = where.decision()
+        if decision is None and (self.interrupted or rc == 0):  # rc 0 without a decision: it saved on a signal
+            raise Interrupted(f"stage {where.name} saved its checkpoint and stopped on a signal; run the same "
+                              "command again (or requeue the job) to resume")
         if rc != 0 or decision is None:
             raise PlanError(f"stage {where.name} failed (exit code {rc}); see {os.path.join(where.dir, 'log.txt')}")
         self.say(f"[{where.name}] stopped at iteration {decision['iteration']}: {decision['reason']}")
         return decision
 
 
-def run(plan_path: str, run_dir: str | None = None, baseline: bool = False, progress: bool = True) -> dict:
+def run(plan_path: str, run_dir: str | None = None, baseline: bool = False, progress: bool = True,
+        launcher: str = "auto") -> dict:
     if run_dir is None:
         run_dir = os.path.splitext(plan_path)[0] + "_run"
-    return Driver(plan_path, run_dir, progress).run(baseline)
+    return Driver(plan_path, run_dir, progress, launcher).run(baseline)
+
+
+def dry_run(plan_path: str, launcher: str = "auto") -> list[tuple[str, list[str]]]:
+    """Each stage's launch command (LAG stages: one per concurrent probe), as the launcher would run it."""
+    import tempfile
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        driver = Driver(plan_path, tmp, progress=False, launcher=launcher)
+        start = 0
+        for i, (stage, where) in enumerate(driver.stages()):
+            stop = dict(stage.stop)
+            if stop["policy"] == "ecr":
+                stop.setdefault("law", {"a": 1.0, "b": 0.5, "c": 0.0})  # a probe would fit it
+            stage_rule = StopRule.from_plan({k: v for k, v in stop.items() if k != "probe_iters"},
+                                            driver.plan.tokens_per_iteration, start=start,
+                                            flops=driver.plan.budget["flops"], flops_ratio=1.0)
+            argv = driver.stage_argv(stage, where, start, stage_rule, None)
+            nproc = stage.parallel.get("nproc", 1)
+            probes = stage.grow.get("groups", 1) if stage.grow and lag_k(stage.grow["op"]) else 1
+            if driver.launcher.kind == "slurm":
+                taken = set()
+                for p in range(probes):
+                    cmd, nodes = driver.launcher.command(nproc, argv, f"{where.name}-{p}")
+                    driver.launcher.busy.update(nodes)
+                    taken.update(nodes)
+                    out.append((where.name if probes == 1 else f"{where.name} probe {p}", cmd))
+                driver.launcher.busy.difference_update(taken)
+            else:
+                out.append((where.name, ["torchrun", "--nproc-per-node", str(nproc), *argv]))
+            start += driver.plan.planned_iterations()[i]
+    return out

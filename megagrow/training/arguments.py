@@ -65,6 +65,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this many iterations (for tests and requeue)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGUSR1 (scancel, a SLURM time-limit warning), save a checkpoint and exit")
     g = p.add_argument_group("growth stages (megagrow)")
     g.add_argument("--growth-plan", default=None, help="run a staged plan (YAML, `megagrow plan`) from this entry point")
     g.add_argument("--stage-stop", default=None,

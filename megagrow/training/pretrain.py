@@ -210,6 +210,34 @@ def _record_decision(args, iteration: int, rule: StopRule, decision) -> None:
         os.replace(tmp, args.stage_decision_file)  # written after the checkpoint: it marks the stage done
 
 
+class ExitSignal:
+    """SIGTERM/SIGUSR1 noted by any rank; ranks agree after an iteration (so all save the same one)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.received = enabled, False
+        if enabled:
+            import signal
+            from megatron.core.dist_checkpointing.strategies import filesystem_async
+            # SLURM signals every process of a step. dist_checkpointing saves through a spawned
+            # multiprocessing Manager; started while the signals are ignored, it keeps ignoring them
+            # (a spawned child would otherwise die of the SIGTERM we are about to save on).
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
+            filesystem_async._get_write_results_queue()
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+
+    def agreed(self) -> bool:
+        if not self.enabled:
+            return False
+        flag = torch.tensor([float(self.received)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def pretrain(args) -> TrainState:
     state = setup(args)
     log = MetricsLogger(args)
@@ -229,6 +257,7 @@ def pretrain(args) -> TrainState:
 
     if args.eval_on_start:
         validate(f"at the start (iteration {state.iteration})")
+    exit_signal = ExitSignal(args.exit_signal_handler)
     seen: dict = {}  # the last evaluation's evidence, kept with a stop on the stage's last iteration
     while state.iteration < args.train_iters:
         decision = rule.after_step(state.iteration, args.num_floating_point_operations_so_far, step_flops) \
@@ -246,10 +275,11 @@ def pretrain(args) -> TrainState:
             seen = decision.evidence if decision else seen
             if decision and decision.stop:
                 break
-        if args.exit_interval and it % args.exit_interval == 0:
+        signalled = exit_signal.agreed()
+        if signalled or (args.exit_interval and it % args.exit_interval == 0):
             if args.save:
                 _save(state)
-            print_rank_0(f" exiting at iteration {it} (--exit-interval)")
+            print_rank_0(f" exiting at iteration {it} " + ("on a signal" if signalled else "(--exit-interval)"))
             log.close()
             return state
         if args.save and args.save_interval and it % args.save_interval == 0:
