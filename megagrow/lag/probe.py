@@ -9,7 +9,8 @@ that exits non-zero or runs past `time_limit` seconds is killed, marked failed, 
 A re-run reuses every result on disk and only re-runs probes that have none.
 
 Plan entry (a stage's `grow`):  {op: "lag:k=50", space: true | dup, candidates: [specs], groups: 2,
-time_limit: 900}. `space` adds LAG's design space for L -> L' (every p, every b dividing k, init dup
+time_limit: 900, parallel: {nproc: 8, ...}}. `parallel` is each probe's share (default: the
+stage's own). `space` adds LAG's design space for L -> L' (every p, every b dividing k, init dup
 and random, or dup only), `candidates` adds any operator specs; at least one of them.
 """
 
@@ -90,9 +91,15 @@ class LagProbing:
         os.makedirs(probe.dir)
         d.grow(self.source, self.stage, self.previous, probe, op=spec)
         rule = StopRule(policy="iters", iteration=self.start + self.k, start=self.start)
+        stage = self.probe_stage()
         every = d.plan.training.get("eval_interval") or max(1, self.k // 5)
-        return d.launch(self.stage, probe, self.start, rule, None, min(every, self.k),
+        return d.launch(stage, probe, self.start, rule, None, min(every, self.k),
                         os.path.join(probe.dir, "step.pgid"))
+
+    def probe_stage(self):
+        """The stage as a probe runs it: `grow.parallel` (a share of the allocation) when given."""
+        from dataclasses import replace
+        return replace(self.stage, parallel=self.stage.grow.get("parallel") or self.stage.parallel)
 
     def _finish(self, spec: str, rc: int | None, started: float) -> None:
         probe, seconds = self.probes[spec], time.time() - started

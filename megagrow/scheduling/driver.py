@@ -258,6 +258,7 @@ def run(plan_path: str, run_dir: str | None = None, baseline: bool = False, prog
 def dry_run(plan_path: str, launcher: str = "auto") -> list[tuple[str, list[str]]]:
     """Each stage's launch command (LAG stages: one per concurrent probe), as the launcher would run it."""
     import tempfile
+    from dataclasses import replace
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         driver = Driver(plan_path, tmp, progress=False, launcher=launcher)
@@ -269,9 +270,11 @@ def dry_run(plan_path: str, launcher: str = "auto") -> list[tuple[str, list[str]
             stage_rule = StopRule.from_plan({k: v for k, v in stop.items() if k != "probe_iters"},
                                             driver.plan.tokens_per_iteration, start=start,
                                             flops=driver.plan.budget["flops"], flops_ratio=1.0)
+            probes = stage.grow.get("groups", 1) if stage.grow and lag_k(stage.grow["op"]) else 1
+            if probes > 1 or (stage.grow and lag_k(stage.grow["op"])):
+                stage = replace(stage, parallel=stage.grow.get("parallel") or stage.parallel)
             argv = driver.stage_argv(stage, where, start, stage_rule, None)
             nproc = stage.parallel.get("nproc", 1)
-            probes = stage.grow.get("groups", 1) if stage.grow and lag_k(stage.grow["op"]) else 1
             if driver.launcher.kind == "slurm":
                 taken = set()
                 for p in range(probes):
