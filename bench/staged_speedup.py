@@ -32,10 +32,11 @@ def main() -> None:
     p.add_argument("--growth-factor", type=int, default=4)
     p.add_argument("--small-fraction", type=float, default=0.25, help="clamp of the formula's small-model tokens")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--vocab-size", type=int, default=4096, help="of the sentencepiece tokenizer trained here")
     p.add_argument("--quick", action="store_true", help="a tenth of the budget (a smoke run, not a measurement)")
     a = p.parse_args()
     tokens = a.tokens / 10 if a.quick else a.tokens
-    data = prepare_data(os.path.join(a.output, "data"))
+    data = prepare_data(os.path.join(a.output, "data"), vocab_size=a.vocab_size)
     training = {"global_batch_size": 16, "micro_batch_size": 8, "seq_length": 128, "lr": a.lr, "min_lr": a.lr / 10,
                 "lr_decay_style": "cosine", "lr_warmup_iters": 20, "weight_decay": 0.1, "clip_grad": 1.0,
                 "log_interval": 10, "eval_interval": 25, "eval_iters": 4, "save_interval": 200, "seed": 1234}

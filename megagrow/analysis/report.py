@@ -86,6 +86,19 @@ def _plot(path: str, stages: list, baseline: dict | None, x_of, xlabel: str) -> 
     plt.close(fig)
 
 
+def _lag_section(run_dir: str, name: str, lag: dict) -> list[str]:
+    from megagrow.lag.study import analyze_dir
+    try:
+        analyze_dir(os.path.join(run_dir, name))
+    except ValueError:  # fewer than two probes survived: nothing to correlate
+        pass
+    rows = [f"| {spec} | {loss:.4f} |" for spec, loss in sorted(lag["losses"].items(), key=lambda kv: kv[1])]
+    failed = f" Failed probes (left out): {', '.join(lag['failed'])}." if lag["failed"] else ""
+    return ["", f"LAG@{lag['k']} before {name}: picked **{lag['winner']}**.{failed}", "",
+            f"| candidate | validation loss after {lag['k']} iterations |", "|---|---|", *rows, "",
+            f"![LAG probe curves]({name}/analysis/probe_curves.png)"]
+
+
 def write_report(run_dir: str, plan) -> dict:
     stage_dirs = [f"stage{i}_{s.name}" for i, s in enumerate(plan.stages)]
     stages = []
@@ -102,7 +115,16 @@ def write_report(run_dir: str, plan) -> dict:
     _plot(os.path.join(run_dir, "loss_vs_flops.png"), stages, baseline, lambda r: r["flops"], "FLOPs")
     _plot(os.path.join(run_dir, "loss_vs_tokens.png"), stages, baseline, lambda r: r["iteration"] * tokens, "tokens")
 
-    staged_curve = [(r["flops"], r["lm loss"]) for _, m, _ in stages for r in m["valid"]]
+    # LAG's losing probes cost FLOPs too: from a LAG stage on, the staged run is charged for them.
+    staged_curve, overhead, lag_lines = [], 0.0, []
+    for name, m, _ in stages:
+        lag_file = os.path.join(run_dir, name, "lag.json")
+        if os.path.exists(lag_file):
+            with open(lag_file) as f:
+                lag = json.load(f)
+            overhead += lag["overhead_flops"]
+            lag_lines += _lag_section(run_dir, name, lag)
+        staged_curve += [(r["flops"] + overhead, r["lm loss"]) for r in m["valid"]]
     summary = {"stages": [{"name": n, "decision": d and {k: d[k] for k in ("iteration", "reason", "flops")},
                            "final_valid_loss": m["valid"][-1]["lm loss"] if m["valid"] else None}
                           for n, m, d in stages]}
@@ -128,6 +150,9 @@ def write_report(run_dir: str, plan) -> dict:
             lines.append(f"This is below the 1.5x the papers report (measured {s['speedup']:.2f}x).")
         if s["baseline_valid_loss_at_staged_flops"] is not None:
             lines.append(f"At equal FLOPs the baseline's validation loss is {s['baseline_valid_loss_at_staged_flops']:.4f}.")
+    if overhead:
+        lines.append(f"The staged FLOPs include {overhead:.4g} FLOPs of LAG probes that were not kept.")
+    lines += lag_lines
     lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", "", "![loss vs tokens](loss_vs_tokens.png)", ""]
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))

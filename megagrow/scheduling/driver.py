@@ -130,8 +130,8 @@ class Driver:
         stage = self.plan.stages[index]
         extra = {"start": start}
         policy = stage.stop["policy"]
-        if policy == "flops":
-            extra["flops"] = self.plan.budget["flops"]
+        if policy == "flops":  # the budget pays for LAG's discarded probes too
+            extra["flops"] = self.plan.budget["flops"] - self.lag_overhead(index)
         if policy == "ecr":
             nxt = self.plan.stages[index + 1]
             extra["flops_ratio"] = self.plan.step_flops(stage) / self.plan.step_flops(nxt)
@@ -139,6 +139,16 @@ class Driver:
                 extra["law"] = self.probe_law(nxt, int(stage.stop.get("probe_iters", 50)))
         return StopRule.from_plan({k: v for k, v in stage.stop.items() if k != "probe_iters"},
                                   self.plan.tokens_per_iteration, **extra)
+
+    def lag_overhead(self, upto: int) -> float:
+        """FLOPs of LAG probes that were not kept, in stages up to `upto`."""
+        total = 0.0
+        for _, where in self.stages()[:upto + 1]:
+            path = os.path.join(where.dir, "lag.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    total += json.load(f)["overhead_flops"]
+        return total
 
     def probe_law(self, stage: Stage, iters: int) -> dict:
         """The next model's loss law, fitted on a short run of it from scratch (paper 002's predicted curve)."""
