@@ -1,7 +1,6 @@
 """Staged runs and LAG probes as srun job steps under a real SLURM (started here, see slurm_cluster.py)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
