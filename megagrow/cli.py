@@ -177,7 +177,11 @@ def _print_lag(lag: str, s: dict) -> None:
 
 def cmd_demo(a) -> int:
     from megagrow.demo import demo
-    demo(a.output, a.data, a.quick, a.vocab_size)
+    try:
+        demo(a.output, a.data, a.quick, a.vocab_size)
+    except (FileNotFoundError, RuntimeError) as e:  # a missing corpus, a failing data tool
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

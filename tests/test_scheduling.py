@@ -71,6 +71,9 @@ def test_plan_cli_and_bad_plans(tmp_path):
                    "4096", "--num-attention-heads", "32", "--seq-length", "4096", "--global-batch-size", "1024",
                    "--vocab-size", "32000", "--growth-factor", "5", "--output", str(tmp_path / "p.yaml"), check=False)
     assert out.returncode == 1 and "divide the target's 32 layers" in out.stderr and "outside 2..4" in out.stderr
+    out = run_tool("-m", "megagrow.cli", "demo", "--data", str(tmp_path / "missing.jsonl"), "--output",
+                   str(tmp_path / "demo"), check=False)
+    assert out.returncode == 1 and "corpus not found" in out.stderr
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"target": {}, "stages": []}))
     out = run_tool("-m", "megagrow.cli", "run", str(tmp_path / "bad.yaml"), check=False)
     assert out.returncode == 1 and "not a megagrow plan" in out.stderr and len(out.stderr.splitlines()) == 1
@@ -107,6 +110,11 @@ def test_fixed_policies_and_loss_law_fit():
     assert StopRule(policy="iters", iteration=10).after_step(10, 0, 1).stop
     assert StopRule(policy="flops", flops=100.0).after_step(5, 95.0, 10.0).stop
     assert not StopRule(policy="flops", flops=100.0).after_step(5, 85.0, 10.0).stop
+    # tokens: counted from the stage's start, in whole iterations of global batch x sequence
+    tokens = StopRule.from_plan({"policy": "tokens", "tokens": 1000}, 64 * 8, start=20)
+    assert tokens.iteration == 20 + 2 and tokens.after_step(22, 0, 1).stop and not tokens.after_step(21, 0, 1).stop
+    formula = StopRule.from_plan({"policy": "formula", "iteration": 7, "tokens": 1, "evidence": {"N": 1}})
+    assert formula.after_step(7, 0, 1).stop and "formula" in formula.after_step(7, 0, 1).reason
     with pytest.raises(PlanError, match="unknown growth-timing policy"):
         StopRule(policy="sometime")
     xs = list(range(10, 500, 10))
