@@ -1,6 +1,6 @@
 """Staged G_stack training against training the target from scratch, on the same FLOPs budget.
 
-    python bench/staged_speedup.py [--output runs/bench_staged] [--tokens 4e6] [--quick]
+    python bench/staged_speedup.py [--output runs/bench_staged] [--tokens 2e6] [--quick]
 
 Prepares the embedded corpus if absent, writes a plan (`megagrow plan`: the small model at L/g layers
 for the G_stack formula's tokens, clamped, then stack:g into the target), runs it and a scratch run
@@ -28,11 +28,11 @@ TARGET = {"num_layers": 8, "hidden_size": 128, "ffn_hidden_size": 512, "num_atte
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/bench_staged")
-    p.add_argument("--tokens", type=float, default=4e6, help="budget: tokens of a scratch run of the target")
+    p.add_argument("--tokens", type=float, default=2e6, help="budget: tokens of a scratch run of the target")
     p.add_argument("--growth-factor", type=int, default=4)
-    p.add_argument("--small-fraction", type=float, default=0.25, help="clamp of the formula's small-model tokens")
+    p.add_argument("--small-fraction", type=float, default=0.5, help="clamp of the formula's small-model tokens")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--vocab-size", type=int, default=4096, help="of the sentencepiece tokenizer trained here")
+    p.add_argument("--vocab-size", type=int, default=2048, help="of the sentencepiece tokenizer trained here")
     p.add_argument("--quick", action="store_true", help="a tenth of the budget (a smoke run, not a measurement)")
     a = p.parse_args()
     tokens = a.tokens / 10 if a.quick else a.tokens
