@@ -1,11 +1,11 @@
 """`megagrow demo`: growth paying off on any machine, from nothing, in one command.
 
 On the embedded corpus (or `--data JSONL`): build the tokenizer and dataset if absent, then train
-- a scratch baseline of the target (8 layers, hidden 128) with TP=2, and
-- a staged run under the same FLOPs budget: the 2-layer small model with DP=2 for the G_stack
+- a scratch baseline of the target (8 layers, hidden 128) with DP=2, and
+- a staged run under the same FLOPs budget: the 2-layer small model with TP=2 for the G_stack
   guideline's tokens (clamped), LAG@k choosing the operator into the target among stack:g=4 and
-  interpolate:g=4, then the winner trained on with TP=2 to the budget (the losing probe's FLOPs count
-  against the staged run),
+  interpolate:g=4, then the winner trained on with DP=2 to the budget (the losing probe's FLOPs count
+  against the staged run; TP=2 would be slower here, gloo on 2 cores),
 and report: loss vs FLOPs for both, the growth point, the LAG probe curves, and the headline
 `speed-up: X.XX` (FLOPs the two runs need to reach the same validation loss, analysis.report) plus
 the validation loss at equal FLOPs. Re-running the same command resumes where it stopped.
@@ -42,7 +42,7 @@ def demo(output: str = "runs/demo", data: str | None = None, quick: bool = False
                 "seed": 1234}
     plan = make_plan(TARGET, vocab, training, {**flags, "split": "98,1,1"}, tokens=size["tokens"],
                      growth_factor=4, max_small_fraction=0.5, parallel={"nproc": 2}, lag_k=size["lag_k"])
-    plan.stages[-1].parallel = {"tensor_model_parallel_size": 2, "nproc": 2}
+    plan.stages[0].parallel = {"tensor_model_parallel_size": 2, "nproc": 2}  # grown into DP=2
     print(describe(plan), flush=True)
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, "plan.yaml")
