@@ -36,7 +36,8 @@ def slurm_plan(data_dir, tmp_path, stage0_iters: int) -> str:
     raw["stages"][1].update(grow={"op": "lag:k=4", "candidates": ["stack:g=2", "interpolate:g=2"], "space": False,
                                   "groups": 2}, stop={"policy": "flops"}, parallel={"nproc": 1}, lr={})
     plan = Plan(**{**raw, "stages": [Stage(**s) for s in raw["stages"]]})
-    raw["budget"] = {"flops": stage0_iters * plan.step_flops(plan.stages[0]) + 8 * plan.step_flops(plan.stages[1])}
+    # 4 iterations of the target pay for the losing probe (LAG@4), 8 train on after it
+    raw["budget"] = {"flops": stage0_iters * plan.step_flops(plan.stages[0]) + 12 * plan.step_flops(plan.stages[1])}
     yaml.safe_dump(raw, open(path, "w"))
     return path
 
