@@ -178,7 +178,8 @@ def _print_lag(lag: str, s: dict) -> None:
 def cmd_demo(a) -> int:
     from megagrow.demo import demo
     try:
-        demo(a.output, a.data, a.quick, a.vocab_size)
+        output = a.output or ("runs/demo_quick" if a.quick else "runs/demo")  # a run dir holds one plan
+        demo(output, a.data, a.quick, a.vocab_size)
     except (FileNotFoundError, RuntimeError) as e:  # a missing corpus, a failing data tool
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="a staged run against training from scratch on the same FLOPs budget, "
                        "with the report and the speed-up (about 12 minutes on 2 cores; --quick: 2)")
-    d.add_argument("--output", default="runs/demo")
+    d.add_argument("--output", default=None, help="default: runs/demo (runs/demo_quick with --quick)")
     d.add_argument("--data", default=None, help="a JSONL corpus ({\"text\": ...} per line); default: the embedded one")
     d.add_argument("--quick", action="store_true", help="a small budget: checks the pipeline, not the speed-up")
     d.add_argument("--vocab-size", type=int, default=2048, help="of the sentencepiece tokenizer trained on the data")
