@@ -12,8 +12,6 @@ from __future__ import annotations
 import glob
 import os
 
-import yaml
-
 from megagrow.checkpoint.convert import open_checkpoint
 from megagrow.lag.analysis import analyze, load_probe_results
 from megagrow.scheduling.timing import PlanError
@@ -61,7 +59,7 @@ def write_study_plan(load: str, num_layers: int, steps: int, out_dir: str, space
              "stop": {"policy": "flops"}, "lr": {"schedule": "rewarm", "warmup_iters": a.lr_warmup_iters},
              "parallel": {"nproc": nproc, "tensor_model_parallel_size": a.tensor_model_parallel_size,
                           "pipeline_model_parallel_size": a.pipeline_model_parallel_size}}
-    from megagrow.scheduling.plan import Plan, Stage
+    from megagrow.scheduling.plan import Plan, Stage, dump_plan
     plan = Plan(target, {}, training, data, [Stage(**source), Stage(**grown)],
                 vocab_size=getattr(a, "tokenizer_vocab_size", a.padded_vocab_size))
     # The budget ends the probes' LR schedule exactly `steps` after the growth.
@@ -69,8 +67,7 @@ def write_study_plan(load: str, num_layers: int, steps: int, out_dir: str, space
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "plan.yaml")
     with open(path, "w") as f:
-        yaml.safe_dump({**{k: v for k, v in vars(plan).items() if k != "stages"},
-                        "stages": [vars(s) for s in plan.stages]}, f, sort_keys=False)
+        f.write(dump_plan(plan))
     return path, iteration
 
 
