@@ -41,7 +41,7 @@ def main() -> None:
                 "lr_decay_style": "cosine", "lr_warmup_iters": 20, "weight_decay": 0.1, "clip_grad": 1.0,
                 "log_interval": 10, "eval_interval": 25, "eval_iters": 4, "save_interval": 200, "seed": 1234}
     from megagrow.data.tokenizer import build_tokenizer
-    vocab = build_tokenizer("SentencePieceTokenizer", data["tokenizer_model"], None).vocab_size
+    vocab = build_tokenizer("GPTSentencePieceTokenizer", data["tokenizer_model"], None).vocab_size
     plan = make_plan(TARGET, vocab, training, {**data, "split": "98,1,1"}, tokens=tokens,
                      growth_factor=a.growth_factor, max_small_fraction=a.small_fraction,
                      parallel={"nproc": 2})

@@ -99,14 +99,14 @@ def main() -> None:
                         "--model-prefix", f"{work}/tok", "--vocab-size", "1024"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
         subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", f"{work}/corpus.jsonl",
-                        "--output-prefix", f"{work}/corpus", "--tokenizer-type", "SentencePieceTokenizer",
+                        "--output-prefix", f"{work}/corpus", "--tokenizer-type", "GPTSentencePieceTokenizer",
                         "--tokenizer-model", f"{work}/tok.model", "--append-eod"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
         opts.data_path, opts.tokenizer_model = f"{work}/corpus_text_document", f"{work}/tok.model"
     model = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
              "--micro-batch-size", "4", "--global-batch-size", "16", "--train-iters", "1000", "--lr", "3e-4",
              "--tensor-model-parallel-size", str(opts.nproc), "--data-path", opts.data_path,
-             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", opts.tokenizer_model,
+             "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", opts.tokenizer_model,
              "--split", "98,1,1", "--log-interval", "10", "--eval-interval", "1000", "--eval-iters", "1",
              "--tensorboard-dir", f"{work}/tb", "--metrics-file", f"{work}/metrics.jsonl",
              "--data-cache-path", f"{work}/cache"]

@@ -18,7 +18,7 @@ if [ ! -f "$OUT/source/latest_checkpointed_iteration.txt" ]; then
     --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.1 \
     --hidden-dropout 0 --attention-dropout 0 \
     --data-path "$OUT/data/corpus_text_document" --split 98,1,1 --data-cache-path "$OUT/data/cache" \
-    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/data/tokenizer.model" \
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$OUT/data/tokenizer.model" \
     --save "$OUT/source" --eval-interval 1000 --eval-iters 4 --log-interval 50
 fi
 megagrow lag study --load "$OUT/source" --num-layers 6 --steps "$STEPS" --output "$OUT/study" \

@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 [ -f "$OUT/tokenizer.model" ] || python tools/train_tokenizer.py --input "$OUT/corpus.jsonl" \
     --model-prefix "$OUT/tokenizer" --vocab-size 4096
 [ -f "$OUT/corpus_text_document.idx" ] || python tools/preprocess_data.py --input "$OUT/corpus.jsonl" \
-    --output-prefix "$OUT/corpus" --tokenizer-type SentencePieceTokenizer \
+    --output-prefix "$OUT/corpus" --tokenizer-type GPTSentencePieceTokenizer \
     --tokenizer-model "$OUT/tokenizer.model" --append-eod --workers 2
 
 torchrun --nproc-per-node 2 pretrain_gpt.py \
@@ -26,7 +26,7 @@ torchrun --nproc-per-node 2 pretrain_gpt.py \
     --train-iters "$ITERS" --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 20 \
     --weight-decay 0.1 --clip-grad 1.0 --hidden-dropout 0.0 --attention-dropout 0.0 \
     --data-path "$OUT/corpus_text_document" --split 98,1,1 \
-    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
     --save "$OUT/checkpoints" --load "$OUT/checkpoints" --save-interval 100 --ckpt-format torch_dist \
     --eval-interval 100 --eval-iters 5 --log-interval 20 \
     --tensorboard-dir "$OUT/tensorboard" --metrics-file "$OUT/metrics.jsonl"

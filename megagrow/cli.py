@@ -114,7 +114,7 @@ def cmd_plan(a, rest: list[str]) -> int:
     vocab = data.get("vocab_size")
     if vocab is None and data.get("tokenizer_model"):
         from megagrow.data.tokenizer import build_tokenizer
-        vocab = build_tokenizer("SentencePieceTokenizer", data["tokenizer_model"], None).vocab_size
+        vocab = build_tokenizer("GPTSentencePieceTokenizer", data["tokenizer_model"], None).vocab_size
     if vocab is None:
         raise CheckpointError("plan: give --tokenizer-model or --vocab-size (FLOPs and sizes depend on it)")
     parallel = {**g.get("parallelism", {}), "nproc": a.nproc}

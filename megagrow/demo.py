@@ -35,7 +35,7 @@ def demo(output: str = "runs/demo", data: str | None = None, quick: bool = False
     flags = prepare_data(os.path.join(output, "data"), jsonl=data, vocab_size=vocab_size,
                          progress=lambda m: print(m, flush=True))
     from megagrow.data.tokenizer import build_tokenizer
-    vocab = build_tokenizer("SentencePieceTokenizer", flags["tokenizer_model"], None).vocab_size
+    vocab = build_tokenizer("GPTSentencePieceTokenizer", flags["tokenizer_model"], None).vocab_size
     training = {"global_batch_size": 16, "micro_batch_size": 4, "seq_length": 128, "lr": 2e-3, "min_lr": 2e-4,
                 "lr_decay_style": "cosine", "lr_warmup_iters": 10, "weight_decay": 0.1, "clip_grad": 1.0,
                 "log_interval": 10, "eval_interval": size["eval_interval"], "eval_iters": 4, "save_interval": 100,

@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
     run_tool("tools/train_tokenizer.py", "--input", f"{d}/corpus.jsonl", "--model-prefix", f"{d}/tok",
              "--vocab-size", "1024")
     run_tool("tools/preprocess_data.py", "--input", f"{d}/corpus.jsonl", "--output-prefix", f"{d}/corpus",
-             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", f"{d}/tok.model", "--append-eod")
+             "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", f"{d}/tok.model", "--append-eod")
     return d
 
 
@@ -58,7 +58,7 @@ def tiny_args(data_dir, **overrides) -> list[str]:
         "--untie-embeddings-and-output-weights": "", "--seq-length": "64", "--micro-batch-size": "2",
         "--global-batch-size": "8", "--train-iters": "4", "--lr": "3e-3", "--lr-warmup-iters": "1",
         "--hidden-dropout": "0", "--attention-dropout": "0", "--data-path": f"{data_dir}/corpus_text_document",
-        "--tokenizer-type": "SentencePieceTokenizer", "--tokenizer-model": f"{data_dir}/tok.model",
+        "--tokenizer-type": "GPTSentencePieceTokenizer", "--tokenizer-model": f"{data_dir}/tok.model",
         "--split": "90,5,5", "--log-interval": "1", "--eval-interval": "1000", "--eval-iters": "2",
         "--data-cache-path": f"{data_dir}/cache",
     }

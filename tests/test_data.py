@@ -24,7 +24,7 @@ def _docs(data_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def tok(data_dir):
     from megagrow.data.tokenizer import build_tokenizer
-    return build_tokenizer("SentencePieceTokenizer", f"{data_dir}/tok.model")
+    return build_tokenizer("GPTSentencePieceTokenizer", f"{data_dir}/tok.model")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def parallel_prefix(data_dir, tmp_path_factory):
     """The same corpus preprocessed again with two tokenizing processes."""
     out = tmp_path_factory.mktemp("parallel")
     run_tool("tools/preprocess_data.py", "--input", f"{data_dir}/corpus.jsonl", "--output-prefix", f"{out}/corpus",
-             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", f"{data_dir}/tok.model",
+             "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", f"{data_dir}/tok.model",
              "--append-eod", "--workers", "2", "--log-interval", "10")
     return f"{out}/corpus_text_document"
 
@@ -92,7 +92,7 @@ def test_build_tokenizer_null_and_errors(tmp_path):
     assert null.tokenize("5 6 7") == [5, 6, 7] and null.detokenize([5, 6]) == "5 6"
     missing = str(tmp_path / "missing.model")
     with pytest.raises(FileNotFoundError, match=f"^tokenizer model not found: {re.escape(missing)}$"):
-        build_tokenizer("SentencePieceTokenizer", missing)
+        build_tokenizer("GPTSentencePieceTokenizer", missing)
     with pytest.raises(ValueError, match="GPT2BPETokenizer"):
         build_tokenizer("GPT2BPETokenizer", missing)
 
@@ -213,7 +213,7 @@ def test_tool_errors_are_one_line(data_dir, tmp_path):
 
     def preprocess(inp, tok_model):
         return run_tool("tools/preprocess_data.py", "--input", inp, "--output-prefix", str(tmp_path / "x"),
-                        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok_model, check=False)
+                        "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", tok_model, check=False)
 
     _one_line_error(preprocess(corpus, missing_model), f"error: tokenizer model not found: {missing_model}")
     _one_line_error(preprocess(missing_input, model), f"error: input not found: {missing_input}")

@@ -21,7 +21,7 @@ def staged_plan(data_dir, path) -> str:
     training = {"global_batch_size": 8, "micro_batch_size": 2, "seq_length": 64, "lr": 3e-3, "min_lr": 3e-4,
                 "lr_decay_style": "cosine", "lr_warmup_iters": 2, "log_interval": 1, "eval_interval": 4,
                 "eval_iters": 2, "save_interval": 4, "seed": 1234}
-    data = {"data_path": f"{data_dir}/corpus_text_document", "tokenizer_type": "SentencePieceTokenizer",
+    data = {"data_path": f"{data_dir}/corpus_text_document", "tokenizer_type": "GPTSentencePieceTokenizer",
             "tokenizer_model": f"{data_dir}/tok.model", "split": "90,5,5", "data_cache_path": f"{data_dir}/cache"}
     stages = [Stage("2l", model={"num_layers": 2}, stop={"policy": "iters", "iteration": 8}, parallel={"nproc": 2}),
               Stage("4l", model={"num_layers": 4}, grow={"op": "stack:g=2"}, stop={"policy": "iters", "iteration": 16},

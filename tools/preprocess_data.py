@@ -6,7 +6,7 @@ Outputs are written under temporary names and renamed at the end (.idx last), so
 leaves nothing half-written under the final names.
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
-        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod --workers 2
+        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model --append-eod --workers 2
 """
 
 import argparse
@@ -46,8 +46,9 @@ def get_args(argv=None):
     p.add_argument("--input", required=True, help="JSONL file, one document per line")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize (default: text)")
-    p.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "NullTokenizer"],
-                   default="SentencePieceTokenizer")
+    from megagrow.data.tokenizer import TOKENIZER_TYPES
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
+                   default="GPTSentencePieceTokenizer")
     p.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
     p.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
     p.add_argument("--append-eod", action="store_true", help="end every document with the eod id")

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from megagrow.checkpoint.errors import TRACKER, CheckpointError, detect_format, iteration_dir, read_tracker
 from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
+from megagrow.model.layout import padded_vocab_size
 
 CHECKPOINT_VERSION = 3.0
 # Architecture fields a checkpoint must agree on to be loaded into a model (parallelism may differ).
@@ -32,36 +33,69 @@ MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attenti
                     "add_bias_linear")
 
 
+def _rng_state() -> dict:
+    """This rank's RNG streams under Megatron-LM's key names (on CPU, the 'cuda' state is the CPU one)."""
+    return {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state(),
+            "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
 def _rng_state_object() -> ShardedObject:
-    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
-                  parallel_state.get_tensor_model_parallel_world_size(),
-                  parallel_state.get_data_parallel_world_size())
-    offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
-              parallel_state.get_data_parallel_rank())
-    return ShardedObject("rng_state", state, (pp, tp, dp), offset, replica_id=0)
+    """Megatron-LM's layout: one object per (PP, TP) rank holding a one-element list; the data-parallel
+    ranks are its replicas (they share the model-parallel streams)."""
+    pp, tp = (parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_tensor_model_parallel_world_size())
+    offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank())
+    return ShardedObject("rng_state", [_rng_state()], (pp, tp), offset,
+                         replica_id=parallel_state.get_data_parallel_rank())
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["np"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+def _rng_key() -> str:
+    """The stored key of this rank's RNG object (dist_checkpointing's `key/shard_<offset>_<shape>`)."""
+    o = _rng_state_object()
+    return f"rng_state/shard_{'.'.join(map(str, o.global_offset))}_{'.'.join(map(str, o.global_shape))}"
 
 
-def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, is_loading: bool,
-                        with_optimizer: bool = True, with_rng: bool = True) -> dict:
-    model_sd = model.module.sharded_state_dict()
+def _set_rng_state(states: list) -> None:
+    state = states[0]
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def content_metadata(args) -> dict:
+    """What a torch_dist save records about how its sharded state dict was built (Megatron-LM's
+    `content_metadata` in common.pt; its loader rebuilds the same structure from it).
+
+    The distributed optimizer is saved fully_reshardable: loadable at any TP/PP/DP, with or
+    without the distributed optimizer (Megatron-LM's `--dist-ckpt-optim-fully-reshardable`)."""
+    meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if args.use_distributed_optimizer:
+        meta = {"distrib_optim_sharding_type": "fully_reshardable",
+                "distrib_optim_fully_reshardable_mem_efficient": False, **meta}
+    return meta
+
+
+def _loaded_content_metadata(common: dict, stored_keys) -> dict:
+    """The checkpoint's content_metadata; for one saved without it, what its keys show."""
+    meta = common.get("content_metadata")
+    if meta is not None:
+        return meta
+    dp_sharded = any(k.startswith("optimizer.distributed.") for k in stored_keys)
+    return {"distrib_optim_sharding_type": "dp_reshardable" if dp_sharded else "fully_reshardable",
+            "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, metadata: dict,
+                        is_loading: bool, with_optimizer: bool = True, with_rng: bool = True) -> dict:
+    model_sd = model.module.sharded_state_dict(metadata=metadata)
     state = {"model": model_sd, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
              "args": args, "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0)}
     if with_optimizer and optimizer is not None:
-        # fully_reshardable: loadable at any TP/PP/DP, with or without the distributed optimizer.
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_state_object()
@@ -69,8 +103,9 @@ def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, is_lo
 
 
 def _write_torch_dist(tmp: str, iteration: int, model, optimizer, scheduler, args) -> None:
-    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=False)
-    dist_checkpointing.save(state, tmp)
+    meta = content_metadata(args)
+    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, meta, is_loading=False)
+    dist_checkpointing.save(state, tmp, content_metadata=meta)
 
 
 def _write_torch(tmp: str, iteration: int, model, optimizer, scheduler, args) -> None:
@@ -83,7 +118,7 @@ def _write_torch(tmp: str, iteration: int, model, optimizer, scheduler, args) ->
     os.makedirs(d)
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
              "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-             "opt_param_scheduler": scheduler.state_dict(), "rng_state": [_rng_state_object().data],
+             "opt_param_scheduler": scheduler.state_dict(), "rng_state": [_rng_state()],
              "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0)}
     torch.save(state, os.path.join(d, SHARD_FILE))
 
@@ -116,12 +151,45 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
     return final
 
 
+def _derived(a, name: str):
+    """A shape field as the model uses it: Megatron-LM records derived values (kv_channels = hidden /
+    heads, num_query_groups = 1 without GQA), megagrow's own older args may leave them unset."""
+    value = getattr(a, name, None)
+    if name == "kv_channels" and value is None:
+        return a.hidden_size // a.num_attention_heads
+    if name == "num_query_groups" and not getattr(a, "group_query_attention", True):
+        return a.num_attention_heads
+    return value
+
+
 def _check_compatible(saved_args, args, path: str) -> None:
     for name in MODEL_SHAPE_ARGS:
-        saved, wanted = getattr(saved_args, name, None), getattr(args, name, None)
-        if saved is not None and saved != wanted:
+        if getattr(saved_args, name, None) is None and name != "kv_channels":
+            continue
+        saved, wanted = _derived(saved_args, name), _derived(args, name)
+        if saved != wanted:
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(f"{path}: checkpoint has {flag} {saved}, this run asks for {wanted}")
+    _check_vocabulary(saved_args, args, path)
+
+
+def _check_vocabulary(saved_args, args, path: str) -> None:
+    """The run's tokenizer must give the checkpoint's vocabulary (else its rows mean other tokens)."""
+    saved_vocab = getattr(saved_args, "tokenizer_vocab_size", None)
+    if saved_vocab is not None:
+        same = saved_vocab == args.tokenizer_vocab_size
+    elif getattr(saved_args, "padded_vocab_size", None) is not None:  # Megatron-LM's: compare padded sizes
+        saved_vocab = saved_args.padded_vocab_size
+        same = saved_vocab == padded_vocab_size(args.tokenizer_vocab_size, saved_args.make_vocab_size_divisible_by,
+                                                saved_args.tensor_model_parallel_size)
+    else:
+        return
+    if not same:
+        saved_type = getattr(saved_args, "tokenizer_type", "?")
+        raise CheckpointError(
+            f"{path}: checkpoint vocabulary {saved_vocab} ({saved_type}) does not match this run's tokenizer "
+            f"({args.tokenizer_type}, {args.tokenizer_vocab_size} tokens): use the checkpoint's --tokenizer-type "
+            f"and --tokenizer-model")
 
 
 def _load_torch_dist(path: str, model, optimizer, scheduler, args, iteration: int, same_layout: bool):
@@ -131,17 +199,19 @@ def _load_torch_dist(path: str, model, optimizer, scheduler, args, iteration: in
     # The optimizer lives in the sharded part; its scheduler's state in common.pt marks that it was saved.
     load_optim = not (args.no_load_optim or args.finetune) and "opt_param_scheduler" in common
     # RNG streams belong to a layout; a converted checkpoint has none.
-    has_rng = any(k.startswith("rng_state") for k in FileSystemReader(path).read_metadata().state_dict_metadata)
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    has_rng = _rng_key() in stored
     load_rng = not (args.no_load_rng or args.finetune) and same_layout(saved_args) and has_rng
     if load_optim:
         _materialize_optimizer_state(optimizer)
-    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, is_loading=True,
-                                with_optimizer=load_optim, with_rng=load_rng)
+    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, _loaded_content_metadata(common, stored),
+                                is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
     loaded = dist_checkpointing.load(state, path)
     model.module.load_state_dict(loaded["model"])
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_steps(optimizer)
+        with torch.no_grad():  # the dp_reshardable restore copies into parameter views in place
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
@@ -164,15 +234,26 @@ def _materialize_optimizer_state(optimizer) -> None:
             _keep_torch_adam_step(opt)
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core's distributed optimizer (no Apex/TE) restores one 'step' tensor object into every
-    parameter's state; torch's Adam increments each parameter's step in place, so a shared tensor
-    would advance once per parameter per iteration and skew the bias correction."""
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter of torch's Adam (no Apex/TE) its own, correct 'step' after a load.
+
+    megatron-core's distributed optimizer keeps the step in its param groups. Its fully_reshardable
+    restore puts one tensor object into every parameter's state (torch's Adam increments each in
+    place, so a shared one would advance once per parameter per iteration); its dp_reshardable
+    restore leaves the dummy step of `_materialize_optimizer_state` in place (Megatron-LM's own
+    resume then loses the bias correction: its losses after the first step differ from an
+    uninterrupted run)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        for state in getattr(inner, "state", {}).values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+        for group in getattr(inner, "param_groups", []):
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if not isinstance(state.get("step"), torch.Tensor):
+                    continue
+                step = state["step"].clone()
+                if "step" in group:
+                    step.fill_(group["step"])
+                state["step"] = step
 
 
 def _keep_torch_adam_step(opt) -> None:
@@ -209,7 +290,7 @@ def _load_torch(path: str, model, optimizer, scheduler, args, iteration: int, sa
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if not (args.no_load_rng or args.finetune) and same_layout(saved_args) and state.get("rng_state"):
-        _set_rng_state(state["rng_state"][0])
+        _set_rng_state(state["rng_state"])
     return state, saved_args
 
 

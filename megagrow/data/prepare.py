@@ -34,6 +34,6 @@ def prepare_data(out_dir: str, jsonl: str | None = None, vocab_size: int = 4096,
     if not os.path.exists(prefix + "_text_document.idx"):
         progress("data: building the indexed dataset")
         _tool("tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix, "--tokenizer-type",
-              "SentencePieceTokenizer", "--tokenizer-model", model, "--append-eod", "--workers", "2")
-    return {"data_path": prefix + "_text_document", "tokenizer_type": "SentencePieceTokenizer",
+              "GPTSentencePieceTokenizer", "--tokenizer-model", model, "--append-eod", "--workers", "2")
+    return {"data_path": prefix + "_text_document", "tokenizer_type": "GPTSentencePieceTokenizer",
             "tokenizer_model": model, "data_cache_path": os.path.join(out_dir, "cache")}

@@ -1,7 +1,6 @@
-"""Tokenizers: a sentencepiece BPE model trained here, and Megatron's NullTokenizer.
+"""Tokenizers: a sentencepiece BPE model trained here, read as Megatron-LM reads it, and NullTokenizer.
 
-Both are megatron-core's own text tokenizers (`megatron.core.tokenizers`), so they expose what its
-GPTDataset reads: `vocab_size`, `eod` (document separator), `pad` (label id whose loss is masked),
+Each exposes what megatron-core's GPTDataset reads: `vocab_size`, `eod` (document separator), `pad` (label id whose loss is masked),
 and `unique_identifiers` (part of the dataset index cache key).
 """
 
@@ -9,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
-from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 
 # Special ids of the models trained here; pad must differ from eos/eod or GPTDataset ignores it.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -71,35 +70,98 @@ def train_sentencepiece(input_jsonl: str, model_prefix: str, vocab_size: int = 4
     return model_prefix + ".model"
 
 
-class TextTokenizer(MegatronTokenizerText):
-    """megatron-core's text tokenizer; `pad` is -1 (no pad id) for libraries without one.
+class MegatronLMSentencePiece:
+    """A sentencepiece model as Megatron-LM's two `--tokenizer-type`s see it (same ids, same vocabulary).
 
-    GPTDataset reads `tokenizer.pad` to mask the loss on padding; -1 is its own "no pad" value and
-    never equals a real token. (megatron-core's NullTokenizer has no pad id, so `.pad` would raise.)
+    `GPTSentencePieceTokenizer`: the model's pieces only; eod is the model's eos.
+    `SentencePieceTokenizer`: the pieces, then `<CLS> <SEP> <EOD> <MASK>` (and `<PAD>`, `<BOS>`, `<EOS>`
+    when the model has no such piece), then `--vocab-extra-ids` `<extra_id_i>` ones, each appended
+    after the last id unless the model already has it; eod is `<EOD>`, and special tokens written in
+    the text are encoded as their ids. The two are different vocabularies of different sizes.
     """
 
+    def __init__(self, model_file: str, with_special_tokens: bool, vocab_extra_ids: int = 0):
+        import sentencepiece as spm
+
+        self.model_file = os.path.abspath(model_file)
+        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        self.vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
+        self.special = {}  # token -> id of the ones the text may contain
+        self.pad, self.bos, self.eos = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
+        self.eod = self.eos
+        if with_special_tokens:
+            for token in ("<CLS>", "<SEP>", "<EOD>", "<MASK>"):
+                self._add(token)
+            self.eod = self.special["<EOD>"]
+            self.pad, self.bos, self.eos = (self._add(self._piece(i, default)) for i, default in
+                                            ((self.pad, "<PAD>"), (self.bos, "<BOS>"), (self.eos, "<EOS>")))
+            for i in range(vocab_extra_ids):
+                self._add(f"<extra_id_{i}>")
+        self.unique_identifiers = {"class": "SentencePieceTokenizer" if with_special_tokens
+                                   else "GPTSentencePieceTokenizer", "model": self.model_file}
+        self._inverse = {i: t for t, i in self.special.items()}
+
+    def _piece(self, id_: int, default: str) -> str:
+        return self._sp.id_to_piece(id_) if 0 <= id_ < self._sp.get_piece_size() else default
+
+    def _add(self, token: str) -> int:
+        self.special[token] = self.vocab.setdefault(token, len(self.vocab))
+        return self.special[token]
+
     @property
-    def pad(self) -> int:
-        return getattr(self._tokenizer, "pad_id", -1)
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def tokenize(self, text: str) -> list[int]:
+        if not self.special:
+            return self._sp.encode_as_ids(text)
+        ids, start = [], 0
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
+        for m in pattern.finditer(text):
+            ids += self._sp.encode_as_ids(text[start:m.start()]) + [self.special[m.group()]]
+            start = m.end()
+        return ids + self._sp.encode_as_ids(text[start:])
+
+    def detokenize(self, ids: list[int]) -> str:
+        out, run = [], []
+        for i in ids:
+            if i in self._inverse:
+                out += [self._sp.decode_ids(run), self._inverse[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self._sp.decode_ids(run)])
+
+
+# Megatron-LM's --tokenizer-type names that megagrow builds (each with Megatron-LM's vocabulary).
+TOKENIZER_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "NullTokenizer")
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
-                    vocab_size: int | None = None) -> TextTokenizer:
+                    vocab_size: int | None = None, vocab_extra_ids: int = 0):
     """A tokenizer from Megatron-LM's flags (--tokenizer-type, --tokenizer-model, --vocab-size).
 
     NullTokenizer reads space-separated ids and, as in Megatron-LM, adds an eod id after them:
     its vocab_size is `vocab_size + 1` and its eod is `vocab_size`.
     """
-    if tokenizer_type == "SentencePieceTokenizer":
+    if tokenizer_type in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer"):
         if not tokenizer_model:
-            raise ValueError("SentencePieceTokenizer needs a tokenizer model (--tokenizer-model)")
+            raise ValueError(f"{tokenizer_type} needs a tokenizer model (--tokenizer-model)")
         if not os.path.isfile(tokenizer_model):
             raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
-        # An absolute path, so that the dataset cache key does not depend on the working directory.
-        return TextTokenizer(os.path.abspath(tokenizer_model), {"library": "sentencepiece"})
+        return MegatronLMSentencePiece(tokenizer_model, tokenizer_type == "SentencePieceTokenizer", vocab_extra_ids)
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None or vocab_size < 1:
             raise ValueError("NullTokenizer needs a positive vocab size (--vocab-size)")
-        return TextTokenizer(None, {"library": "null"}, vocab_size=int(vocab_size))
-    raise ValueError(f"unknown tokenizer type: {tokenizer_type!r} "
-                     "(expected SentencePieceTokenizer or NullTokenizer)")
+        return _null_tokenizer(int(vocab_size))
+    raise ValueError(f"unknown tokenizer type: {tokenizer_type!r} (expected one of {', '.join(TOKENIZER_TYPES)})")
+
+
+def _null_tokenizer(vocab_size: int):
+    """megatron-core's NullTokenizer, with `pad` -1 ("no pad id": GPTDataset masks the loss on it)."""
+    from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
+
+    class NullTextTokenizer(MegatronTokenizerText):
+        pad = -1
+
+    return NullTextTokenizer(None, {"library": "null"}, vocab_size=vocab_size)

@@ -152,7 +152,8 @@ def fit(view: CheckpointView, args, growth: LearnedGrowth, small: dict[str, torc
     try:
         set_seeds(seed)
         try:
-            tokenizer = build_tokenizer(a.tokenizer_type, a.tokenizer_model, getattr(a, "vocab_size", None))
+            tokenizer = build_tokenizer(a.tokenizer_type, a.tokenizer_model, getattr(a, "vocab_size", None),
+                                        getattr(a, "vocab_extra_ids", 0))
             train, valid, _ = build_datasets(a, tokenizer)
         except (OSError, ValueError) as e:  # e.g. a checkpoint moved away from its data
             raise GrowthError(f"learn: cannot read the training data: {e} (see --data-path)") from None

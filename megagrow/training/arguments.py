@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from megagrow.data.tokenizer import TOKENIZER_TYPES
+
 
 class ArgumentError(ValueError):
     """A user-facing configuration problem; printed as one line, exit code 1."""
@@ -92,7 +94,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", nargs="+", default=None, help="prefix, or weight prefix weight prefix ...")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--data-cache-path", default=None)
-    g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "NullTokenizer"], default=None)
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="as Megatron-LM: GPTSentencePieceTokenizer is the model's own vocabulary, "
+                        "SentencePieceTokenizer appends <CLS> <SEP> <EOD> <MASK> to it")
+    g.add_argument("--vocab-extra-ids", type=int, default=0, help="<extra_id_i> tokens (SentencePieceTokenizer)")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
 
@@ -187,9 +192,9 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         _require(os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx"),
                  f"data path not found: {prefix} (expected {prefix}.bin and {prefix}.idx)")
     if args.tokenizer_type is None:
-        args.tokenizer_type = "SentencePieceTokenizer" if args.tokenizer_model else "NullTokenizer"
-    if args.tokenizer_type == "SentencePieceTokenizer":
-        _require(bool(args.tokenizer_model), "--tokenizer-model is required with SentencePieceTokenizer")
+        args.tokenizer_type = "GPTSentencePieceTokenizer" if args.tokenizer_model else "NullTokenizer"
+    if args.tokenizer_type != "NullTokenizer":
+        _require(bool(args.tokenizer_model), f"--tokenizer-model is required with {args.tokenizer_type}")
         _require(os.path.isfile(args.tokenizer_model), f"tokenizer model not found: {args.tokenizer_model}")
     else:
         _require(args.vocab_size is not None, "--vocab-size is required with NullTokenizer")

@@ -68,7 +68,7 @@ def _scheduler(args, optimizer) -> OptimizerParamScheduler:
 
 def build_tokenizer(args):
     from megagrow.data.tokenizer import build_tokenizer as build
-    return build(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    return build(args.tokenizer_type, args.tokenizer_model, args.vocab_size, args.vocab_extra_ids)
 
 
 def setup(args) -> TrainState:

@@ -1,0 +1,24 @@
+"""The installed megatron-core release, as a comparable (major, minor) pair.
+
+Read from the package metadata, so that importing it costs nothing. Only `cpu_compat` and the
+adapters in `mcore_adapters` branch on it.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+SUPPORTED = ((0, 16), (0, 19))  # oldest and newest release tested (pyproject's range)
+
+
+def _mcore_version() -> tuple[int, int]:
+    try:
+        text = version("megatron-core")
+    except PackageNotFoundError:
+        import megatron.core
+        text = megatron.core.__version__
+    major, minor = text.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+MCORE_VERSION = _mcore_version()
