@@ -7,3 +7,9 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
 warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+
+import logging
+
+# A CUDA build of torch on a machine without a GPU logs this when megatron-core imports its extension
+# helpers; the CPU path needs no CUDA toolkit, and the line would break one-line error messages.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

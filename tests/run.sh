@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv (if needed) and run the whole test suite (~10 minutes on 2 cores).
+# Set up the environment (if needed) and run the test suite. Python 3.12 available: megatron-core 0.19
+# in .venv; only Python 3.11: megatron-core 0.16 (see tools/setup_env.sh for PYTHON, PYTHON_VERSION, VENV).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
-. .venv/bin/activate
+. "${VENV:-.venv}/bin/activate"
 python -m pytest -q "$@"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, tiny_args, torchrun
+from megagrow.checkpoint.dcp_stream import read_common_state
 
 # Vocabulary 1024 padded to a multiple of 384 x TP: 1536 at TP=2 and 4, 1152 at TP=1, so conversions re-pad.
 LLAMA = {"--num-attention-heads": "8", "--num-query-groups": "4", "--train-iters": "6", "--exit-interval": "3",
@@ -182,10 +183,9 @@ def test_corrupt_inputs_fail_in_one_line(trained, tmp_path):
     # An unknown tensor in a torch_dist checkpoint's args-shaped world: a wrong hidden size in the args.
     wrong_args = tmp_path / "llama_args"
     shutil.copytree(trained / "llama", wrong_args)
-    common = wrong_args / "iter_0000003" / "common.pt"
-    state = torch.load(common, weights_only=False)
+    state = read_common_state(str(wrong_args / "iter_0000003"))  # common.pt, or inside the DCP files (0.19)
     state["args"].ffn_hidden_size += 8
-    torch.save(state, common)
+    torch.save(state, wrong_args / "iter_0000003" / "common.pt")  # read first by every megatron-core
     _expect_failure(["checkpoint", "convert", "--load", str(wrong_args), "--save", str(tmp_path / "out")],
                     "the args say", tmp_path / "out")
 

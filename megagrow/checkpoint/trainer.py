@@ -22,6 +22,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from torch.distributed.checkpoint import FileSystemReader
 
+from megagrow.checkpoint.dcp_stream import read_common_state, written_content_metadata
 from megagrow.checkpoint.errors import TRACKER, CheckpointError, detect_format, iteration_dir, read_tracker
 from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
 from megagrow.model.layout import padded_vocab_size
@@ -66,19 +67,6 @@ def _set_rng_state(states: list) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
-def content_metadata(args) -> dict:
-    """What a torch_dist save records about how its sharded state dict was built (Megatron-LM's
-    `content_metadata` in common.pt; its loader rebuilds the same structure from it).
-
-    The distributed optimizer is saved fully_reshardable: loadable at any TP/PP/DP, with or
-    without the distributed optimizer (Megatron-LM's `--dist-ckpt-optim-fully-reshardable`)."""
-    meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-    if args.use_distributed_optimizer:
-        meta = {"distrib_optim_sharding_type": "fully_reshardable",
-                "distrib_optim_fully_reshardable_mem_efficient": False, **meta}
-    return meta
-
-
 def _loaded_content_metadata(common: dict, stored_keys) -> dict:
     """The checkpoint's content_metadata; for one saved without it, what its keys show."""
     meta = common.get("content_metadata")
@@ -103,7 +91,10 @@ def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, metad
 
 
 def _write_torch_dist(tmp: str, iteration: int, model, optimizer, scheduler, args) -> None:
-    meta = content_metadata(args)
+    # fully_reshardable by default (Megatron-LM's --dist-ckpt-optim-fully-reshardable): loadable at any
+    # TP/PP/DP, with or without the distributed optimizer.
+    meta = written_content_metadata(args, args.use_distributed_optimizer,
+                                    getattr(args, "dist_ckpt_optim_sharding", "fully_reshardable"))
     state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, meta, is_loading=False)
     dist_checkpointing.save(state, tmp, content_metadata=meta)
 
@@ -193,7 +184,7 @@ def _check_vocabulary(saved_args, args, path: str) -> None:
 
 
 def _load_torch_dist(path: str, model, optimizer, scheduler, args, iteration: int, same_layout: bool):
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = read_common_state(path)  # either layout, on any megatron-core
     saved_args = common.get("args")
     _check_compatible(saved_args, args, path)
     # The optimizer lives in the sharded part; its scheduler's state in common.pt marks that it was saved.

@@ -108,6 +108,13 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_const", const="fully_reshardable",
+                   dest="dist_ckpt_optim_sharding", help="as Megatron-LM (megagrow's default already)")
+    g.add_argument("--dist-ckpt-optim-sharding", choices=["fully_reshardable", "dp_reshardable"],
+                   default="fully_reshardable",
+                   help="megagrow: how torch_dist stores the distributed optimizer. fully_reshardable loads at any "
+                        "TP/PP/DP; dp_reshardable (Megatron-LM's default) is megatron-core's bucket layout, "
+                        "reloadable at another DP only")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; iteration starts at 0")
