@@ -34,14 +34,16 @@ def main(root: str, out: str) -> None:
     args.finetune = False
     args.data_parallel_size = 1
     args.transformer_impl = None  # whichever spec this machine has: checkpoints are spec-independent here
+    # Megatron-LM records only the padded vocabulary; its rows past the tokenizer's are padding.
+    args.tokenizer_vocab_size = getattr(args, "tokenizer_vocab_size", args.padded_vocab_size)
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, "gloo")
     set_seeds(args.seed)
-    model = build_gpt_model(args, transformer_config(args), getattr(args, "tokenizer_vocab_size", 1000))
+    model = build_gpt_model(args, transformer_config(args), args.tokenizer_vocab_size)
     iteration, _ = load_checkpoint(root, _Wrapped(model), None, None, args)
     install_growth_masks(model, args, iteration)  # masked width growth: as the trainer would resume it
     model.eval()
     g = torch.Generator().manual_seed(0)
-    vocab = getattr(args, "tokenizer_vocab_size", 1000)
+    vocab = args.tokenizer_vocab_size
     tokens = torch.randint(0, vocab, (2, 32), generator=g)
     batch = {"tokens": tokens, "position_ids": torch.arange(32).expand(2, 32)}
     logits = []

@@ -167,7 +167,8 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     pp = target_pp or src.pipeline_model_parallel_size
     fmt = fmt or view.format
     args = target_args(src, tp, pp, fmt, with_optimizer)
-    copy_chunks = view.format == fmt == "torch_dist" and not rechunk
+    # dp_reshardable's flat optimizer buckets are not per-parameter chunks: stream those checkpoints
+    copy_chunks = view.format == fmt == "torch_dist" and not rechunk and not view.dp_reshardable
     return write_checkpoint(view if copy_chunks else VocabResized(view, args.padded_vocab_size), save, args, fmt,
                             with_optimizer and view.optimizer is not None, force, progress,
                             label=f"converting TP{src.tensor_model_parallel_size}/PP"

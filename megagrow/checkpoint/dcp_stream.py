@@ -9,6 +9,7 @@ dist_checkpointing.save would, so neither side ever holds the model.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.distributed.checkpoint.planner import LoadPlan
 
 from megagrow.checkpoint.errors import CheckpointError
+from megagrow.checkpoint.dp_reshardable import DpReshardableState, is_dp_reshardable, is_flat_key, param_groups
 from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, CheckpointView, OptimizerCommon,
                                       Unit, gated)
 from megagrow.model.layout import pipeline_stages, tp_chunk_ranges
@@ -62,28 +64,70 @@ def _split_key(key: str) -> tuple[str, str]:
     return "model", key
 
 
+COMMON_PT = "common.pt"  # megatron-core <= 0.18 keeps the common state in this file
+COMMON_STATE_KEY = "common_state/shard_0_1"  # 0.19+: a ShardedObject inside the DCP files
+
+
+def read_sharded_object(reader: FileSystemReader, key: str):
+    """A ShardedObject as dist_checkpointing stores it (`torch.save([data])` bytes under `key`)."""
+    out = {key: None}
+    reader.read_data(LoadPlan([_bytes_read_item(MetadataIndex(key))]), _Into(out)).wait()
+    return torch.load(io.BytesIO(out[key]), map_location="cpu", weights_only=False)[0]
+
+
+def read_common_state(iter_dir: str, view=None) -> dict:
+    """The non-tensor state (args, iteration, optimizer groups, ...) in either layout."""
+    path = os.path.join(iter_dir, COMMON_PT)
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu", weights_only=False)
+    reader = view.reader if view is not None else FileSystemReader(iter_dir)
+    metadata = view.metadata if view is not None else reader.read_metadata()
+    if COMMON_STATE_KEY not in metadata.state_dict_metadata:
+        raise FileNotFoundError(2, "no common state", path)
+    if view is None:
+        reader.set_up_storage_reader(metadata, is_coordinator=True)
+    return read_sharded_object(reader, COMMON_STATE_KEY)
+
+
+def _bytes_read_item(index):
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+    return ReadItem(type=LoadItemType.BYTE_IO, dest_index=index, dest_offsets=torch.Size(()),
+                    storage_index=index, storage_offsets=torch.Size(()), lengths=torch.Size(()))
+
+
 class TorchDistView(CheckpointView):
     def __init__(self, iter_dir: str):
         self.path = iter_dir
         self.reader = FileSystemReader(iter_dir)
         try:
             self.metadata = self.reader.read_metadata()
-            common = torch.load(os.path.join(iter_dir, "common.pt"), map_location="cpu", weights_only=False)
+            self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+            common = read_common_state(iter_dir, self)
         except FileNotFoundError as e:
             raise CheckpointError(f"{iter_dir}: missing {os.path.basename(e.filename)}") from None
+        except CheckpointError:
+            raise
         except Exception as e:  # truncated or not a checkpoint file
             raise CheckpointError(f"{iter_dir}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
-        self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         args = common.get("args")
         if args is None:
-            raise CheckpointError(f"{iter_dir}/common.pt has no 'args'")
+            raise CheckpointError(f"{iter_dir}: the checkpoint's common state has no 'args'")
+        self.content_metadata = common.get("content_metadata")
         opt = common.get("optimizer")
-        super().__init__(args=args, iteration=common.get("iteration", 0), optimizer=_optimizer_common(opt),
+        self.dp_reshardable = is_dp_reshardable(opt)  # optimizer state in flat buckets: see dp_reshardable.py
+        super().__init__(args=args, iteration=common.get("iteration", 0), optimizer=_optimizer_common(opt, self),
                          extra={k: common[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
                                 if k in common})
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
-                        if isinstance(v, TensorStorageMetadata)}
+                        if isinstance(v, TensorStorageMetadata) and not is_flat_key(k)}
         self._states = tuple(sorted({_split_key(k)[0] for k in self.tensors} - {"model"})) if self.optimizer else ()
+        self._dp = None
+        if self.dp_reshardable and self.optimizer:
+            try:
+                self._dp = DpReshardableState(self)
+                self._states = self._dp.states
+            except CheckpointError as e:
+                self.unsupported_optimizer = f"its dp_reshardable optimizer state ({e})"
 
     @property
     def optimizer_states(self) -> tuple[str, ...]:
@@ -106,6 +150,9 @@ class TorchDistView(CheckpointView):
             raise CheckpointError(f"{self.path}: cannot read {keys[0]}... ({type(e).__name__}: {e})") from None
         return {k: (v[0] if layer is not None else v) for k, v in out.items()}
 
+    def read_object(self, key: str):
+        return read_sharded_object(self.reader, key)
+
     def _unit(self, keys: list[str], layer: int | None, strip: str) -> Unit:
         unit: Unit = {"model": {}}
         for key, tensor in self._read(keys, layer).items():
@@ -113,6 +160,8 @@ class TorchDistView(CheckpointView):
             if state != "model" and state not in self.optimizer_states:
                 continue
             unit.setdefault(state, {})[name[len(strip):]] = tensor
+        if self._dp is not None:
+            self._dp.read_into(unit, layer)
         return unit
 
     def read_globals(self) -> Unit:
@@ -147,13 +196,15 @@ class TorchDistView(CheckpointView):
         return found
 
 
-def _optimizer_common(opt: dict | None) -> OptimizerCommon | None:
+def _optimizer_common(opt: dict | None, view: TorchDistView) -> OptimizerCommon | None:
     if not opt:
         return None
     if "param_state_sharding_type" in opt:  # distributed optimizer
-        groups = opt["optimizer"]["param_groups"]
+        dp_sharded = is_dp_reshardable(opt)  # its groups are a ShardedObject; written back fully_reshardable
+        groups = param_groups(view) if dp_sharded else opt["optimizer"]["param_groups"]
         step = groups[0].get("step", 0) if groups else 0
-        return OptimizerCommon([_hyper(g) for g in groups], float(step), distributed=True, torch_dist_common=opt)
+        return OptimizerCommon([_hyper(g) for g in groups], float(step), distributed=True,
+                               torch_dist_common=None if dp_sharded else opt)
     inner = opt.get("optimizer", opt)  # the bf16/fp16 optimizer nests torch's state dict one level down
     step = inner.get("state", {}).get("common_step", 0)
     return OptimizerCommon([_hyper(g) for g in inner["param_groups"]], float(step), distributed=False,
@@ -257,9 +308,23 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
     _write_common(view, out_dir, args, with_optimizer)
 
 
+def written_content_metadata(args, distributed_optimizer: bool, sharding: str = "fully_reshardable") -> dict:
+    """Megatron-LM's content_metadata (how the sharded state dict was built; its loader rebuilds the
+    same). The writers here produce per-parameter optimizer state: the fully_reshardable layout."""
+    meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if distributed_optimizer:
+        meta = {"distrib_optim_sharding_type": sharding, **meta}
+        if sharding == "fully_reshardable":
+            meta["distrib_optim_fully_reshardable_mem_efficient"] = False
+    return meta
+
+
 def _write_common(view: CheckpointView, out_dir: str, args, with_optimizer: bool) -> None:
+    args = argparse.Namespace(**{**vars(args), "no_save_rng": True})  # Megatron-LM then skips RNG on load
     common = {"checkpoint_version": 3.0, "iteration": view.iteration, "args": args,
-              "num_floating_point_operations_so_far": view.extra.get("num_floating_point_operations_so_far", 0)}
+              "num_floating_point_operations_so_far": view.extra.get("num_floating_point_operations_so_far", 0),
+              "content_metadata": written_content_metadata(args, with_optimizer and view.optimizer is not None
+                                                           and view.optimizer.distributed)}
     if with_optimizer and view.optimizer is not None:
         common["optimizer"] = optimizer_common_to_torch_dist(view.optimizer)
         if "opt_param_scheduler" in view.extra:
@@ -270,6 +335,9 @@ def _write_common(view: CheckpointView, out_dir: str, args, with_optimizer: bool
 
 
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# Objects a copy leaves behind: RNG streams and the rerun state belong to the source's ranks; the
+# common state is written anew (common.pt, which every megatron-core release reads).
+LAYOUT_BOUND_KEYS = ("rng_state", "rerun_state_machine", "common_state")
 
 
 def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: bool, progress=None,
@@ -292,7 +360,7 @@ def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: boo
         targets.setdefault(old, []).append(new)
     keep, renamed = {}, {}  # new metadata entries; source key -> [(new key, old chunk offset -> new)]
     for key, entry in md.state_dict_metadata.items():
-        if key.startswith("rng_state") or (not with_optimizer and key.startswith(OPT_PREFIX)):
+        if key.startswith(LAYOUT_BOUND_KEYS) or (not with_optimizer and key.startswith(OPT_PREFIX)):
             continue
         if not _split_key(key)[1].startswith(LAYER_PREFIX):
             keep[key] = entry

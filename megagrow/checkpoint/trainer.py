@@ -22,10 +22,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from torch.distributed.checkpoint import FileSystemReader
 
-from megagrow.checkpoint.dcp_stream import read_common_state, written_content_metadata
+from megagrow.checkpoint.dcp_stream import COMMON_PT, read_common_state, written_content_metadata
 from megagrow.checkpoint.errors import TRACKER, CheckpointError, detect_format, iteration_dir, read_tracker
 from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
 from megagrow.model.layout import padded_vocab_size
+from megagrow.runtime.versions import READS_COMMON_STATE_IN_DCP
 
 CHECKPOINT_VERSION = 3.0
 # Architecture fields a checkpoint must agree on to be loaded into a model (parallelism may differ).
@@ -184,7 +185,10 @@ def _check_vocabulary(saved_args, args, path: str) -> None:
 
 
 def _load_torch_dist(path: str, model, optimizer, scheduler, args, iteration: int, same_layout: bool):
-    common = read_common_state(path)  # either layout, on any megatron-core
+    if not (READS_COMMON_STATE_IN_DCP or os.path.isfile(os.path.join(path, COMMON_PT))):
+        raise CheckpointError(f"{path}: written by megatron-core 0.19 or later (no {COMMON_PT}), which this "
+                              f"megatron-core cannot load: convert it first (megagrow checkpoint convert)")
+    common = read_common_state(path)  # either layout
     saved_args = common.get("args")
     _check_compatible(saved_args, args, path)
     # The optimizer lives in the sharded part; its scheduler's state in common.pt marks that it was saved.

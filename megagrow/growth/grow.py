@@ -109,7 +109,7 @@ def grow(load: str, save: str, op: str, num_layers: int | None = None, target_tp
     label = f"growing {src.num_layers} -> {len(plan)} layers ({op})"
     name, params = parse_spec(op)
     pure_copy = name != "learn" and all(layer.init == "copy" for layer in plan)
-    if pure_copy and view.format == fmt == "torch_dist" and not rechunk:
+    if pure_copy and view.format == fmt == "torch_dist" and not rechunk and not view.dp_reshardable:
         out = write_checkpoint(view, save, args, fmt, with_optimizer and view.optimizer is not None, force, progress,
                                label, copy_chunks=True, layer_map=[layer.source for layer in plan])
     else:
@@ -155,8 +155,8 @@ def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None
                              "num_attention_heads": src.num_attention_heads}
     if plan.norm_scale != 1.0:
         # RMSNorm over H dims of which h are non-zero: mean(x^2) shrinks by h/H, and so must epsilon.
-        args.norm_epsilon = getattr(src, "norm_epsilon", 1e-5) * src.hidden_size / args.hidden_size
-        print(f"note: --norm-epsilon scaled to {args.norm_epsilon:.6g} (recorded in the checkpoint's args) so that "
+        args.layernorm_epsilon = getattr(src, "layernorm_epsilon", 1e-5) * src.hidden_size / args.hidden_size
+        print(f"note: --norm-epsilon scaled to {args.layernorm_epsilon:.6g} (recorded in the checkpoint's args) so that "
               "the grown model computes the same function; pass it when training the grown model", file=sys.stderr)
     check_source(view, with_optimizer)
     seed = getattr(src, "seed", 1234) if seed is None else seed

@@ -37,7 +37,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
+        layernorm_epsilon=args.layernorm_epsilon,
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
         bias_activation_fusion=False,

@@ -180,3 +180,30 @@ def resize_vocab_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] > rows:
         return t[:rows]
     return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])
+
+
+# megatron-core's GPTModel registers the embedding, then the decoder (its layers, then the final
+# norm), then the output layer; named_parameters() follows registration order.
+_GPT_FIRST_STAGE = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight")
+_GPT_LAST_STAGE = ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "output_layer.weight")
+# A layer's input norm is a module of its own before self_attention in the local spec; with Transformer
+# Engine it lives inside linear_qkv, which SelfAttention registers after linear_proj.
+_INPUT_NORM = ("self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias")
+
+
+def gpt_parameter_order(present, local_layer_order: list[str], layers, first_stage: bool, last_stage: bool,
+                        transformer_impl: str = "local") -> list[str]:
+    """Global names of one pipeline stage's GPTModel parameters in named_parameters() order.
+
+    `present`: the non-layer names the model has; `local_layer_order`: one layer's (fused) names
+    in the local spec's order (view.layer_param_order); `layers`: the stage's global layer indices.
+    """
+    layer = list(local_layer_order)
+    if transformer_impl == "transformer_engine":
+        norm = [n for n in layer if n in _INPUT_NORM]
+        layer = [n for n in layer if n not in _INPUT_NORM]
+        after = max((i + 1 for i, n in enumerate(layer) if n.startswith("self_attention.linear_proj.")), default=0)
+        layer = layer[:after] + norm + layer[after:]
+    names = [n for n in _GPT_FIRST_STAGE if n in present] if first_stage else []
+    names += [f"decoder.layers.{i}.{n}" for i in layers for n in layer]
+    return names + ([n for n in _GPT_LAST_STAGE if n in present] if last_stage else [])

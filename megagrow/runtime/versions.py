@@ -22,3 +22,7 @@ def _mcore_version() -> tuple[int, int]:
 
 
 MCORE_VERSION = _mcore_version()
+
+# What changed between releases, named for what it is (the only version tests outside cpu_compat).
+# 0.19 keeps a torch_dist checkpoint's common state inside the DCP files; older ones read only common.pt.
+READS_COMMON_STATE_IN_DCP = MCORE_VERSION >= (0, 19)

@@ -32,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
-    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, dest="layernorm_epsilon")  # Megatron-LM's dest
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -109,7 +109,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_const", const="fully_reshardable",
-                   dest="dist_ckpt_optim_sharding", help="as Megatron-LM (megagrow's default already)")
+                   dest="dist_ckpt_optim_sharding", default="fully_reshardable",
+                   help="as Megatron-LM (megagrow's default already)")
     g.add_argument("--dist-ckpt-optim-sharding", choices=["fully_reshardable", "dp_reshardable"],
                    default="fully_reshardable",
                    help="megagrow: how torch_dist stores the distributed optimizer. fully_reshardable loads at any "
