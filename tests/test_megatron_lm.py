@@ -109,6 +109,7 @@ def test_convert_fixtures_keeps_logits(fixtures, tmp_path):
              ("torch_dist_tp2", ["--target-tp", "1", "--ckpt-format", "torch"]),
              ("torch_tp2", ["--target-tp", "1", "--target-pp", "2", "--ckpt-format", "torch_dist"]),
              ("distopt_dp2", ["--target-tp", "2"]),
+             ("distopt_dp2", ["--target-pp", "2", "--ckpt-format", "torch", "--no-optimizer"]),
              ("distopt_dp2_fully_reshardable", ["--target-tp", "2", "--ckpt-format", "torch", "--no-optimizer"])]
     reference = {}
     for i, (name, flags) in enumerate(cases):
@@ -135,23 +136,24 @@ def test_convert_fixtures_keeps_logits(fixtures, tmp_path):
 
 @pytest.mark.slow
 def test_grow_fixtures_and_train(fixtures, tmp_path):
-    """stack and zero from Megatron-LM's checkpoints; a zero-grown model computes the same function, so its
-    first loss is Megatron-LM's logged one, and it trains on."""
-    for name in ("torch_dist_tp2", "torch_tp2", "distopt_dp2"):
-        megagrow("checkpoint", "grow", "--load", str(fixtures / "fx" / name), "--save", str(tmp_path / f"{name}_stack"),
-                 "--op", "stack:g=2")
-        info = json.loads(megagrow("checkpoint", "inspect", str(tmp_path / f"{name}_stack"), "--json").stdout)
-        assert info["complete"] and info["model"]["num_layers"] == 8, info["problems"]
-    zero = tmp_path / "zero"
-    megagrow("checkpoint", "grow", "--load", str(fixtures / "fx" / "torch_dist_tp2"), "--save", str(zero),
-             "--op", "zero", "--num-layers", "6")
+    """stack and zero from each of Megatron-LM's checkpoints; a zero-grown model computes the same function,
+    so its first loss is Megatron-LM's logged one, and it trains on (optimizer state carried)."""
+    for name in LAYOUT:
+        for op, layers in (("stack:g=2", 8), ("zero", 6)):
+            out = tmp_path / f"{name}_{op[:4]}"
+            megagrow("checkpoint", "grow", "--load", str(fixtures / "fx" / name), "--save", str(out), "--op", op,
+                     *(["--num-layers", str(layers)] if op == "zero" else []))
+            info = json.loads(megagrow("checkpoint", "inspect", str(out), "--json").stdout)
+            assert info["complete"] and info["model"]["num_layers"] == layers, info["problems"]
+            assert info["optimizer"] and "step 10" in info["optimizer"]
     flags = [f if f != "4" or FLAGS[i - 1] != "--num-layers" else "6" for i, f in enumerate(FLAGS)]
-    run = torchrun(2, flags + LAYOUT["torch_dist_tp2"] + data_flags(fixtures, tmp_path) +
-                   ["--load", str(zero), "--exit-interval", "13"], tmp_path / "z.jsonl")
-    assert run.returncode == 0, run.output
-    losses = run.losses()
-    assert abs(losses[11] - LOGGED["torch_dist_tp2"][11]) <= 1e-4, losses
-    assert losses[13] < losses[11]
+    for name in ("torch_dist_tp2", "distopt_dp2"):
+        run = torchrun(2, flags + LAYOUT[name] + data_flags(fixtures, tmp_path) +
+                       ["--load", str(tmp_path / f"{name}_zero"), "--exit-interval", "13"], tmp_path / f"{name}.jsonl")
+        assert run.returncode == 0, run.output
+        losses = run.losses()
+        assert abs(losses[11] - LOGGED[name][11]) <= 1e-4, losses
+        assert losses[13] < losses[11]
 
 
 @pytest.mark.slow
