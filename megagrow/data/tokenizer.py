@@ -153,15 +153,22 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None or vocab_size < 1:
             raise ValueError("NullTokenizer needs a positive vocab size (--vocab-size)")
-        return _null_tokenizer(int(vocab_size))
+        return NullTokenizer(int(vocab_size))
     raise ValueError(f"unknown tokenizer type: {tokenizer_type!r} (expected one of {', '.join(TOKENIZER_TYPES)})")
 
 
-def _null_tokenizer(vocab_size: int):
-    """megatron-core's NullTokenizer, with `pad` -1 ("no pad id": GPTDataset masks the loss on it)."""
-    from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
+class NullTokenizer:
+    """Megatron-LM's NullTokenizer: the text is space-separated ids; one more id, `vocab_size`, is eod."""
 
-    class NullTextTokenizer(MegatronTokenizerText):
-        pad = -1
+    pad = -1  # no pad id (GPTDataset masks the loss on labels equal to it)
 
-    return NullTextTokenizer(None, {"library": "null"}, vocab_size=vocab_size)
+    def __init__(self, vocab_size: int):
+        self.eod = vocab_size
+        self.vocab_size = vocab_size + 1
+        self.unique_identifiers = {"class": "NullTokenizer", "vocab_size": vocab_size}
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(x) for x in text.split()]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
