@@ -26,3 +26,13 @@ MCORE_VERSION = _mcore_version()
 # What changed between releases, named for what it is (the only version tests outside cpu_compat).
 # 0.19 keeps a torch_dist checkpoint's common state inside the DCP files; older ones read only common.pt.
 READS_COMMON_STATE_IN_DCP = MCORE_VERSION >= (0, 19)
+
+
+def start_checkpoint_writer_manager() -> None:
+    """Start dist_checkpointing's writer Manager process now (it is spawned once and reused): 0.19
+    made its private getter public (`get_write_results_queue`)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    getter = getattr(filesystem_async, "get_write_results_queue", None) \
+        or getattr(filesystem_async, "_get_write_results_queue")
+    getter()

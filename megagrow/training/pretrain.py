@@ -26,6 +26,7 @@ from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_
 from megagrow.model.growth_masks import install_growth_masks
 from megagrow.model.layout import padded_vocab_size
 from megagrow.runtime.distributed import initialize_distributed, print_rank_0, set_seeds
+from megagrow.runtime.versions import start_checkpoint_writer_manager
 from megagrow.scheduling.timing import StopRule
 from megagrow.training.metrics import MetricsLogger, num_floating_point_operations
 
@@ -217,13 +218,12 @@ class ExitSignal:
         self.enabled, self.received = enabled, False
         if enabled:
             import signal
-            from megatron.core.dist_checkpointing.strategies import filesystem_async
             # SLURM signals every process of a step. dist_checkpointing saves through a spawned
             # multiprocessing Manager; started while the signals are ignored, it keeps ignoring them
             # (a spawned child would otherwise die of the SIGTERM we are about to save on).
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_IGN)
-            filesystem_async._get_write_results_queue()
+            start_checkpoint_writer_manager()
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._note)
 
