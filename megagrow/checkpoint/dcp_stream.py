@@ -308,7 +308,7 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
     _write_common(view, out_dir, args, with_optimizer)
 
 
-def written_content_metadata(args, distributed_optimizer: bool, sharding: str = "fully_reshardable") -> dict:
+def written_content_metadata(distributed_optimizer: bool, sharding: str = "fully_reshardable") -> dict:
     """Megatron-LM's content_metadata (how the sharded state dict was built; its loader rebuilds the
     same). The writers here produce per-parameter optimizer state: the fully_reshardable layout."""
     meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -323,7 +323,7 @@ def _write_common(view: CheckpointView, out_dir: str, args, with_optimizer: bool
     args = argparse.Namespace(**{**vars(args), "no_save_rng": True})  # Megatron-LM then skips RNG on load
     common = {"checkpoint_version": 3.0, "iteration": view.iteration, "args": args,
               "num_floating_point_operations_so_far": view.extra.get("num_floating_point_operations_so_far", 0),
-              "content_metadata": written_content_metadata(args, with_optimizer and view.optimizer is not None
+              "content_metadata": written_content_metadata(with_optimizer and view.optimizer is not None
                                                            and view.optimizer.distributed)}
     if with_optimizer and view.optimizer is not None:
         common["optimizer"] = optimizer_common_to_torch_dist(view.optimizer)

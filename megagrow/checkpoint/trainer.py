@@ -74,8 +74,7 @@ def _loaded_content_metadata(common: dict, stored_keys) -> dict:
     if meta is not None:
         return meta
     dp_sharded = any(k.startswith("optimizer.distributed.") for k in stored_keys)
-    return {"distrib_optim_sharding_type": "dp_reshardable" if dp_sharded else "fully_reshardable",
-            "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    return written_content_metadata(True, "dp_reshardable" if dp_sharded else "fully_reshardable")
 
 
 def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, metadata: dict,
@@ -94,7 +93,7 @@ def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, metad
 def _write_torch_dist(tmp: str, iteration: int, model, optimizer, scheduler, args) -> None:
     # fully_reshardable by default (Megatron-LM's --dist-ckpt-optim-fully-reshardable): loadable at any
     # TP/PP/DP, with or without the distributed optimizer.
-    meta = written_content_metadata(args, args.use_distributed_optimizer,
+    meta = written_content_metadata(args.use_distributed_optimizer,
                                     getattr(args, "dist_ckpt_optim_sharding", "fully_reshardable"))
     state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, meta, is_loading=False)
     dist_checkpointing.save(state, tmp, content_metadata=meta)
