@@ -15,8 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from megagrow.checkpoint.convert import directory_bytes, write_checkpoint  # noqa: E402
-from megagrow.checkpoint.view import CheckpointView, OptimizerCommon, expected_shapes, parameter_count  # noqa: E402
+from megagrow.checkpoint.io import directory_bytes, write_checkpoint  # noqa: E402
+from megagrow.checkpoint.view import CheckpointView, OptimizerCommon  # noqa: E402
+from megagrow.model.shape import expected_shapes, parameter_count  # noqa: E402
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ def _human(n: float) -> str:
 
 
 def cmd_inspect(a) -> int:
-    from megagrow.checkpoint.convert import inspect
+    from megagrow.checkpoint.io import inspect
     info = inspect(a.dir)
     if a.json:
         print(json.dumps(info, indent=1))

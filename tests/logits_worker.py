@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
-from megagrow.checkpoint.convert import open_checkpoint  # noqa: E402
+from megagrow.checkpoint.io import open_checkpoint  # noqa: E402
 from megagrow.checkpoint.trainer import load_checkpoint  # noqa: E402
 from megagrow.model.gpt import build_gpt_model, transformer_config  # noqa: E402
 from megagrow.model.growth_masks import install_growth_masks  # noqa: E402

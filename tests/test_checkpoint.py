@@ -212,7 +212,7 @@ def test_bf16_optimizer_master_copies_survive_conversion(data_dir, tmp_path):
     run = torchrun(2, tiny_args(data_dir, **flags, **{"--save": str(src)}), tmp_path / "src.jsonl")
     assert run.returncode == 0, run.output
     megagrow("checkpoint", "convert", "--load", str(src), "--save", str(converted), "--target-tp", "1", "--rechunk")
-    from megagrow.checkpoint.convert import open_checkpoint
+    from megagrow.checkpoint.io import open_checkpoint
     assert "fp32_param" in open_checkpoint(str(converted)).optimizer_states
     target = {**flags, "--tensor-model-parallel-size": "1", "--exit-interval": None}
     losses = []

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import ROOT
-from megagrow.checkpoint.convert import open_checkpoint
+from megagrow.checkpoint.io import open_checkpoint
 from megagrow.checkpoint.dcp_stream import optimizer_common_to_torch_dist
 from megagrow.checkpoint.dp_reshardable import bucket_slices, rank_parameters
 

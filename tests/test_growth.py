@@ -78,7 +78,7 @@ def _grow(src, dst, op, *extra):
     ("lag:p=3,b=3,init=random", "9", ["--target-tp", "1", "--target-pp", "1", "--ckpt-format", "torch"]),
 ])
 def test_grown_layers_tensor_by_tensor(small, tmp_path, op, layers, extra):
-    from megagrow.checkpoint.convert import open_checkpoint
+    from megagrow.checkpoint.io import open_checkpoint
     out = tmp_path / "grown"
     _grow(small / "llama", out, op, *(["--num-layers", layers] if layers else []), *extra)
     src, grown = open_checkpoint(str(small / "llama")), open_checkpoint(str(out))
@@ -151,7 +151,7 @@ def test_grow_refuses_bad_input_in_one_line(small, tmp_path):
 def test_redundant_layers_wake_up_in_training(data_dir, small, tmp_path):
     """Paper 002's identity layers must train: with GeLU every new-layer tensor moves after two steps.
     (With SwiGLU the zero pre-MLP norm starves the FFN; `grow` warns and `zero` is the variant to use.)"""
-    from megagrow.checkpoint.convert import open_checkpoint
+    from megagrow.checkpoint.io import open_checkpoint
     out = tmp_path / "redundant"
     _grow(small / "gpt2", out, "redundant", "--num-layers", "9", "--target-tp", "1", "--target-pp", "1",
           "--ckpt-format", "torch_dist")
@@ -172,7 +172,7 @@ WIDE = ["--hidden-size", "128", "--ffn-hidden-size", "384", "--num-attention-hea
 
 @pytest.mark.slow
 def test_width_growth_keeps_logits_and_scales_moments(small, tmp_path):
-    from megagrow.checkpoint.convert import open_checkpoint
+    from megagrow.checkpoint.io import open_checkpoint
     reference = logits(small / "llama", 4, tmp_path)
     fpi, zero = tmp_path / "fpi", tmp_path / "zero"
     _grow(small / "llama", fpi, "fpi", *WIDE, "--target-tp", "4", "--target-pp", "1")
@@ -224,7 +224,7 @@ def test_mask_schedules_follow_the_papers():
 def test_masked_and_upper_layer_width_growth(data_dir, small, tmp_path):
     """msg/pdg at mask 0 keep the logits (Llama: RMSNorm, GQA, SwiGLU; GPT-2: LayerNorm, tied, torch format);
     aki takes new units from the layer above; training opens the masks and drops them when open."""
-    from megagrow.checkpoint.convert import open_checkpoint
+    from megagrow.checkpoint.io import open_checkpoint
     for family, op, sizes, layout in [
         ("llama", "pdg:steps=4", ["--hidden-size", "96", "--ffn-hidden-size", "256", "--num-attention-heads", "12",
                                    "--num-query-groups", "6"], ["--target-tp", "2", "--target-pp", "1"]),
@@ -302,7 +302,7 @@ def test_learned_growth_fits_its_maps_and_trains_on(data_dir, small, tmp_path):
     """G_learn (LiGO): width maps start as fpi's; fitting lowers the grown model's held-out loss; Adam moments
     go through the fitted linear map (second moments through its squared entries); the grown model trains on."""
     import json
-    from megagrow.checkpoint.convert import open_checkpoint
+    from megagrow.checkpoint.io import open_checkpoint
     from megagrow.growth.learn import LearnedGrowth
     from megagrow.growth.width import WidthPlan
     src = open_checkpoint(str(small / "llama"))

@@ -9,7 +9,7 @@ from conftest import run_tool
 
 from megagrow.scheduling.plan import describe, dump_plan, load_plan, make_plan
 from megagrow.scheduling.timing import LossLaw, PlanError, StopRule, fit_loss_law, gstack_small_tokens, slope
-from megagrow.training.metrics import num_floating_point_operations
+from megagrow.model.shape import num_floating_point_operations
 
 LLAMA7B = {"num_layers": 32, "hidden_size": 4096, "ffn_hidden_size": 11008, "num_attention_heads": 32,
            "swiglu": True, "normalization": "RMSNorm", "untie_embeddings_and_output_weights": True,
@@ -30,7 +30,7 @@ def test_gstack_formula_by_hand():
 def test_megatron_flops_formula_gqa_and_swiglu():
     from argparse import Namespace
     a = Namespace(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=4, num_query_groups=2,
-                  kv_channels=2, swiglu=True, seq_length=4, padded_vocab_size=32)
+                  group_query_attention=True, kv_channels=2, swiglu=True, seq_length=4, padded_vocab_size=32)
     # per token and layer: QKV 8*(4+2+2)*2... written out as Megatron's expression, by hand:
     by_hand = 12 * 3 * 4 * 2 * 64 * ((1 + 0.5 + 0.5) * 1 + 2 * 1.5 + 32 / 32)
     assert num_floating_point_operations(a, 3) == pytest.approx(by_hand)

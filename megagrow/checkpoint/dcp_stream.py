@@ -28,8 +28,9 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from megagrow.checkpoint.errors import CheckpointError
 from megagrow.checkpoint.dp_reshardable import DpReshardableState, is_dp_reshardable, is_flat_key, param_groups
 from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, CheckpointView, OptimizerCommon,
-                                      Unit, gated)
+                                      Unit)
 from megagrow.model.layout import pipeline_stages, tp_chunk_ranges
+from megagrow.model.shape import expected_shapes, gated
 
 OPT_PREFIX = "optimizer.state."
 WRITE_THREADS = min(2, os.cpu_count() or 1)  # each unit's files are written concurrently
@@ -96,6 +97,8 @@ def _bytes_read_item(index):
 
 
 class TorchDistView(CheckpointView):
+    format = "torch_dist"
+
     def __init__(self, iter_dir: str):
         self.path = iter_dir
         self.reader = FileSystemReader(iter_dir)
@@ -193,7 +196,19 @@ class TorchDistView(CheckpointView):
             covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
             if covered != md.size.numel():
                 found.append(f"{key}: chunks cover {covered} of {md.size.numel()} elements")
-        return found
+        glob, layer = expected_shapes(self.args)
+        for key, md in self.tensors.items():
+            name = key.split(".", 3)[3] if key.startswith(OPT_PREFIX) else key
+            if name.startswith(LAYER_PREFIX):
+                rel = name[len(LAYER_PREFIX):]
+                want = (self.num_layers,) + layer[rel] if rel in layer else None
+            else:
+                want = glob.get(name)
+            if want is None:
+                found.append(f"unknown key {key}")
+            elif tuple(md.size) != want:
+                found.append(f"{key}: shape {tuple(md.size)}, the args say {want}")
+        return [f"{self.path}: {p}" for p in found]
 
 
 def _optimizer_common(opt: dict | None, view: TorchDistView) -> OptimizerCommon | None:
@@ -235,7 +250,7 @@ class _From:
 def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int, with_optimizer: bool,
                      progress=None) -> None:
     """Write `view` as a torch_dist checkpoint directory for TP=tp, PP=pp (chunks as its ranks would hold)."""
-    os.makedirs(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     writer = FileSystemWriter(out_dir, thread_count=WRITE_THREADS, sync_files=False)
     writer.set_up_storage_writer(is_coordinator=True)
     states = ("model",) + (view.optimizer_states if with_optimizer else ())
@@ -443,3 +458,7 @@ def _add_tensor_entry(entries: dict, key: str, tensor: torch.Tensor, glob_shape:
                                              size=torch.Size(glob_shape), chunks=[])
     elif tuple(entries[key].size) != glob_shape:
         raise CheckpointError(f"{key}: inconsistent shapes {tuple(entries[key].size)} and {glob_shape}")
+
+
+def is_torch_dist(it_dir: str) -> bool:
+    return os.path.isfile(os.path.join(it_dir, "metadata.json")) or os.path.isfile(os.path.join(it_dir, ".metadata"))

@@ -28,7 +28,9 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megagrow.checkpoint.errors import CheckpointError
-from megagrow.checkpoint.view import LAYER_PREFIX, Unit, expected_shapes, gated, layer_param_order, tied
+from megagrow.checkpoint.view import LAYER_PREFIX, Unit
+from megagrow.model.layout import layer_param_order
+from megagrow.model.shape import expected_shapes, gated, tied
 from megagrow.model.layout import gpt_parameter_order, pipeline_stages, tp_partition_dim, tp_unshard
 
 SHARDING = "dp_reshardable"

@@ -1,4 +1,4 @@
-"""Checkpoint errors and the cheap checks that need no megatron-core import."""
+"""Checkpoint errors and the tracker file (cheap: no torch import)."""
 
 from __future__ import annotations
 
@@ -27,31 +27,3 @@ def read_tracker(root: str) -> int | None:
         return int(text)
     except ValueError:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
-
-
-def detect_format(it_dir: str) -> str | None:
-    """'torch_dist', 'torch' (legacy mp_rank_* shards) or None, for one iteration directory."""
-    if os.path.isfile(os.path.join(it_dir, "metadata.json")) or os.path.isfile(os.path.join(it_dir, ".metadata")):
-        return "torch_dist"
-    if any(n.startswith("mp_rank_") for n in os.listdir(it_dir)):
-        return "torch"
-    return None
-
-
-def check_loadable(root: str, same_as_save: bool = False) -> None:
-    """Fail fast on a --load that is not a checkpoint directory.
-
-    `--load X --save X` on a fresh X is Megatron's requeue pattern: allowed, it starts from scratch.
-    """
-    if same_as_save and (not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))):
-        return
-    if not os.path.isdir(root):
-        raise CheckpointError(f"--load {root}: no such directory")
-    iteration = read_tracker(root)
-    if iteration is None:
-        raise CheckpointError(f"--load {root}: not a checkpoint directory (no {TRACKER})")
-    path = iteration_dir(root, iteration)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"--load {root}: {TRACKER} names {os.path.basename(path)}, which does not exist")
-    if detect_format(path) is None:
-        raise CheckpointError(f"--load {root}: {path} holds neither a torch_dist nor a torch checkpoint")

@@ -15,10 +15,10 @@ from collections import OrderedDict
 import torch
 
 from megagrow.checkpoint.errors import CheckpointError
-from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, CheckpointView, OptimizerCommon, Unit,
-                                      gated, layer_param_order, tied)
-from megagrow.model.layout import (fused_name, optimizer_param_groups, pipeline_stages, spec_name,
-                                   split_layer_key, tp_local_chunk, tp_unshard)
+from megagrow.checkpoint.view import EXTRA_STATE_MODULES, LAYER_PREFIX, CheckpointView, OptimizerCommon, Unit
+from megagrow.model.layout import (fused_name, layer_param_order, optimizer_param_groups, pipeline_stages, spec_name,
+                                   split_layer_key, tp_local_chunk, tp_partition_dim, tp_unshard)
+from megagrow.model.shape import expected_shapes, gated, tied
 
 SHARD_FILE = "model_optim_rng.pt"
 
@@ -56,6 +56,9 @@ def _adam(opt) -> tuple[dict | None, list | None]:
 
 
 class TorchView(CheckpointView):
+    format = "torch"
+    dp_reshardable = False
+
     def __init__(self, iter_dir: str):
         self.path = iter_dir
         names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
@@ -143,6 +146,9 @@ class TorchView(CheckpointView):
 
     def close(self) -> None:
         self._open.clear()
+
+    def problems(self) -> list[str]:
+        return check_shards(self)
 
 
 def _optimizer_by_name(sd: dict, path: str, wanted: bool) -> dict[str, dict[str, torch.Tensor]]:
@@ -244,9 +250,9 @@ def _adam_state_dict(model: dict, optim: dict, common: OptimizerCommon) -> dict:
     return {"state": state, "param_groups": param_groups}
 
 
-def check_shards(view: TorchView, glob: dict, layer: dict) -> list[str]:
+def check_shards(view: TorchView) -> list[str]:
     """Every rank file loads and holds the tensors, of the local shapes, that the args call for."""
-    from megagrow.model.layout import tp_partition_dim
+    glob, layer = expected_shapes(view.args)
     found = []
     for s, (start, count) in enumerate(view.stages):
         for t in range(view.tp):
@@ -278,3 +284,7 @@ def check_shards(view: TorchView, glob: dict, layer: dict) -> list[str]:
                     found.append(f"{name}: {key} has shape {tuple(value.shape)}, the args say {tuple(want)}")
     view.close()
     return found
+
+
+def is_torch(it_dir: str) -> bool:
+    return any(n.startswith("mp_rank_") for n in os.listdir(it_dir))

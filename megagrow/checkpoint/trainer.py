@@ -23,9 +23,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint import FileSystemReader
 
 from megagrow.checkpoint.dcp_stream import COMMON_PT, read_common_state, written_content_metadata
-from megagrow.checkpoint.errors import TRACKER, CheckpointError, detect_format, iteration_dir, read_tracker
+from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
+from megagrow.checkpoint.io import detect_format
 from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
-from megagrow.model.layout import padded_vocab_size
+from megagrow.model.shape import padded_vocab_size
 from megagrow.runtime.versions import READS_COMMON_STATE_IN_DCP
 
 CHECKPOINT_VERSION = 3.0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megagrow.checkpoint.errors import CheckpointError
-from megagrow.model.layout import padded_vocab_size
+from megagrow.model.shape import padded_vocab_size
 
 Unit = dict[str, dict[str, torch.Tensor]]
 
@@ -61,6 +61,10 @@ class CheckpointView:
     def read_layer(self, index: int) -> Unit:
         raise NotImplementedError
 
+    def problems(self) -> list[str]:
+        """What makes the stored checkpoint incomplete or inconsistent (a reader checks its own files)."""
+        return []
+
     def close(self) -> None:
         pass
 
@@ -88,72 +92,12 @@ class DerivedView(CheckpointView):
         self.inner.close()
 
 
-def gated(args) -> bool:
-    return bool(getattr(args, "swiglu", False))
-
-
-def tied(args) -> bool:
-    return not getattr(args, "untie_embeddings_and_output_weights", False)
-
-
 def vocab_rows(args, tp: int) -> int:
     """Rows of the embedding at TP=tp: padded from the tokenizer's size when the args record it."""
     true_vocab = getattr(args, "tokenizer_vocab_size", None)
     if true_vocab is None:  # Megatron-LM's args keep only the padded size: never drop rows then
         return padded_vocab_size(args.padded_vocab_size, args.make_vocab_size_divisible_by, tp)
     return padded_vocab_size(true_vocab, args.make_vocab_size_divisible_by, tp)
-
-
-def kv_channels(args) -> int:
-    return getattr(args, "kv_channels", None) or args.hidden_size // args.num_attention_heads
-
-
-def query_groups(args) -> int:
-    if getattr(args, "group_query_attention", False) and getattr(args, "num_query_groups", None):
-        return args.num_query_groups
-    return args.num_attention_heads
-
-
-def expected_shapes(args) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """(global tensor shapes, per-layer tensor shapes) of a GPT model with these args."""
-    h, ffn, d = args.hidden_size, args.ffn_hidden_size, kv_channels(args)
-    heads, groups = args.num_attention_heads, query_groups(args)
-    bias = getattr(args, "add_bias_linear", True)
-    layer_norm = getattr(args, "normalization", "LayerNorm") == "LayerNorm"
-    fc1_rows = 2 * ffn if gated(args) else ffn
-    layer = {"self_attention.linear_qkv.layer_norm_weight": (h,),
-             "self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, h),
-             "self_attention.linear_proj.weight": (h, heads * d),
-             "mlp.linear_fc1.layer_norm_weight": (h,),
-             "mlp.linear_fc1.weight": (fc1_rows, h),
-             "mlp.linear_fc2.weight": (h, ffn)}
-    if layer_norm:
-        layer["self_attention.linear_qkv.layer_norm_bias"] = (h,)
-        layer["mlp.linear_fc1.layer_norm_bias"] = (h,)
-    if bias:
-        layer.update({"self_attention.linear_qkv.bias": ((heads + 2 * groups) * d,),
-                      "self_attention.linear_proj.bias": (h,), "mlp.linear_fc1.bias": (fc1_rows,),
-                      "mlp.linear_fc2.bias": (h,)})
-    vocab = args.padded_vocab_size
-    glob = {"embedding.word_embeddings.weight": (vocab, h), "decoder.final_layernorm.weight": (h,)}
-    if layer_norm:
-        glob["decoder.final_layernorm.bias"] = (h,)
-    if getattr(args, "position_embedding_type", "learned_absolute") == "learned_absolute":
-        glob["embedding.position_embeddings.weight"] = (args.max_position_embeddings, h)
-    if not tied(args):
-        glob["output_layer.weight"] = (vocab, h)
-    return glob, layer
-
-
-def layer_param_order(args, transformer_impl: str = "local") -> list[str]:
-    """Tensor names of one layer in megatron-core's named_parameters order (local spec modules)."""
-    _, shapes = expected_shapes(args)
-    order = ["self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
-             "self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
-             "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-             "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
-             "mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.linear_fc2.weight", "mlp.linear_fc2.bias"]
-    return [n for n in order if n in shapes]
 
 
 def check_target_parallelism(args, tp: int, pp: int) -> None:
@@ -167,8 +111,3 @@ def check_target_parallelism(args, tp: int, pp: int) -> None:
     if pp > args.num_layers or (args.num_layers % pp and getattr(args, "decoder_last_pipeline_num_layers", None)
                                 is None and getattr(args, "decoder_first_pipeline_num_layers", None) is None):
         raise CheckpointError(f"--target-pp {pp}: {args.num_layers} layers do not split into {pp} equal stages")
-
-
-def parameter_count(args) -> int:
-    glob, layer = expected_shapes(args)
-    return sum(math.prod(s) for s in glob.values()) + args.num_layers * sum(math.prod(s) for s in layer.values())

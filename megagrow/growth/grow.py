@@ -13,9 +13,10 @@ import sys
 
 import torch
 
-from megagrow.checkpoint.convert import (VocabResized, check_source, open_checkpoint, refuse_same_directory,
-                                         target_args, write_checkpoint)
-from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, expected_shapes
+from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, refuse_same_directory, target_args,
+                                    write_checkpoint)
+from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit
+from megagrow.model.shape import expected_shapes, kv_channels
 from megagrow.growth.depth import GrowthError, NewLayer, connection_rate, describe
 from megagrow.growth.operators import depth_plan, parse_spec
 from megagrow.model.init import init_global_tensor
@@ -98,7 +99,7 @@ def grow(load: str, save: str, op: str, num_layers: int | None = None, target_tp
     src = view.args
     tp, pp = target_tp or src.tensor_model_parallel_size, target_pp or src.pipeline_model_parallel_size
     fmt = fmt or view.format
-    args = target_args(src, tp, pp, fmt, with_optimizer)
+    args = target_args(src, tp, pp, fmt)
     args.num_layers = len(plan)
     args.decoder_first_pipeline_num_layers = args.decoder_last_pipeline_num_layers = None
     seed = getattr(src, "seed", 1234) if seed is None else seed
@@ -132,14 +133,13 @@ def grow_width(load: str, save: str, op: str, sizes: dict, target_tp: int | None
                data_path: list[str] | None = None) -> str:
     """Grow hidden/FFN size and heads (whole query groups); `sizes` holds the new values of
     hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups (None: unchanged)."""
-    from megagrow.checkpoint.view import kv_channels
     from megagrow.growth.width import MASKED, WidthGrownView, WidthPlan
     refuse_same_directory(load, save)
     view = open_checkpoint(load)
     _refuse_open_masks(view, load)
     src = view.args
     tp, pp = target_tp or src.tensor_model_parallel_size, target_pp or src.pipeline_model_parallel_size
-    args = target_args(src, tp, pp, fmt or view.format, with_optimizer)
+    args = target_args(src, tp, pp, fmt or view.format)
     args.kv_channels = kv_channels(src)  # heads grow in number, not in size
     for key, value in sizes.items():
         if value is not None:

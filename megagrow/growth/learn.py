@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, check_target_parallelism, expected_shapes
+from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, check_target_parallelism
+from megagrow.model.shape import expected_shapes
 from megagrow.growth.depth import GrowthError, NewLayer
 
 DEFAULT_LR = 1e-3  # map entries start at 0 or 1: Adam moves them by about lr per step
@@ -133,7 +134,8 @@ def fit(view: CheckpointView, args, growth: LearnedGrowth, small: dict[str, torc
     from megagrow.data.loader import build_datasets, microbatches
     from megagrow.data.tokenizer import build_tokenizer
     from megagrow.model.gpt import build_gpt_model, transformer_config
-    from megagrow.model.layout import fused_name, padded_vocab_size, resize_vocab_rows, split_layer_key
+    from megagrow.model.layout import fused_name, resize_vocab_rows, split_layer_key
+    from megagrow.model.shape import padded_vocab_size
     from megagrow.runtime.distributed import destroy, initialize_distributed, set_seeds
 
     a = copy.deepcopy(args)
@@ -252,11 +254,11 @@ def learned_view(view: CheckpointView, args, spec_params: dict, seed: int, save:
                  sources: list[int] | None = None, width=None, data_path: list[str] | None = None
                  ) -> LearnedGrownView:
     """Fit the maps (depth from `sources`, or width from a WidthPlan) and return the grown view."""
-    from megagrow.checkpoint.convert import _check_target
+    from megagrow.checkpoint.io import check_target
     steps, lr = learn_params(spec_params)
     # Refuse now what the writer would refuse only after the fit.
     check_target_parallelism(args, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    _check_target(save, force)
+    check_target(save, force)
     glob, layer = expected_shapes(args)
     growth = LearnedGrowth(list(layer), list(glob), view.num_layers, sources, width)
     stacked = _stacked_layers(view)

@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, expected_shapes, kv_channels, query_groups, tied
+from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit
+from megagrow.model.shape import expected_shapes, kv_channels, query_groups, tied
 from megagrow.growth.depth import GrowthError
 from megagrow.growth.learn import learn_params
 from megagrow.model.init import init_global_tensor

@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 
-from megagrow.checkpoint.convert import open_checkpoint
+from megagrow.checkpoint.io import open_checkpoint
 from megagrow.lag.analysis import analyze, load_probe_results
 from megagrow.scheduling.timing import PlanError
 

@@ -12,7 +12,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from megagrow.model.init import initialize_parameters
-from megagrow.model.layout import padded_vocab_size
+from megagrow.model.shape import padded_vocab_size
 
 
 def transformer_impl(args: argparse.Namespace) -> str:

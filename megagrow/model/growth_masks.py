@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
+from megagrow.model.shape import kv_channels
+
 MASK_KINDS = ("msg", "pdg")
 
 
@@ -104,7 +106,7 @@ class GrowthMasks:
             return full.chunk(tp)[rank].repeat_interleave(repeat)
         device = next(self.model.parameters()).device
         self.hidden = mask_values(r["kind"], r["hidden_size"], a.hidden_size, r["begin"], r["end"], iteration).to(device)
-        head_size = a.kv_channels or a.hidden_size // a.num_attention_heads
+        head_size = kv_channels(a)
         self.heads = local(r["num_attention_heads"], a.num_attention_heads, head_size).to(device)
         self.units = local(r["ffn_hidden_size"], a.ffn_hidden_size).to(device)
         return True

@@ -14,13 +14,9 @@ import re
 
 import torch
 
+from megagrow.model.shape import expected_shapes
+
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """Megatron-LM pads the vocabulary to a multiple of divisible_by x TP."""
-    multiple = divisible_by * tp_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def global_layer_names(model: torch.nn.Module) -> dict[str, str]:
@@ -207,3 +203,14 @@ def gpt_parameter_order(present, local_layer_order: list[str], layers, first_sta
     names = [n for n in _GPT_FIRST_STAGE if n in present] if first_stage else []
     names += [f"decoder.layers.{i}.{n}" for i in layers for n in layer]
     return names + ([n for n in _GPT_LAST_STAGE if n in present] if last_stage else [])
+
+
+def layer_param_order(args, transformer_impl: str = "local") -> list[str]:
+    """Tensor names of one layer in megatron-core's named_parameters order (local spec modules)."""
+    _, shapes = expected_shapes(args)
+    order = ["self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
+             "self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
+             "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+             "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
+             "mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.linear_fc2.weight", "mlp.linear_fc2.bias"]
+    return [n for n in order if n in shapes]

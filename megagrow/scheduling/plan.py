@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from megagrow.scheduling.timing import PlanError, StopRule, gstack_small_tokens
-from megagrow.training.metrics import num_floating_point_operations
+from megagrow.model.shape import ModelShape
 
 LR_SCHEDULES = ("continue", "rewarm", "constant")
 
@@ -50,30 +50,18 @@ class Plan:
 
     def model_args(self, stage: Stage | None = None) -> argparse.Namespace:
         """The stage's (or the target's) model as the trainer's args, with Megatron-LM's derived values."""
-        from megagrow.model.layout import padded_vocab_size
-        flags = {**self.target, **(stage.model if stage else {})}
-        a = argparse.Namespace(**{k: v for k, v in flags.items()})
-        a.swiglu = bool(flags.get("swiglu", False))
-        a.group_query_attention = bool(flags.get("group_query_attention", False))
-        a.num_query_groups = flags.get("num_query_groups") if a.group_query_attention else a.num_attention_heads
-        a.kv_channels = flags.get("kv_channels") or a.hidden_size // a.num_attention_heads
-        if not flags.get("ffn_hidden_size"):
-            a.ffn_hidden_size = (int(4 * a.hidden_size * 2 / 3 / 64) + 1) * 64 if a.swiglu else 4 * a.hidden_size
-        a.seq_length = self.training["seq_length"]
-        a.max_position_embeddings = flags.get("max_position_embeddings") or a.seq_length
-        a.normalization = flags.get("normalization", "LayerNorm")
-        a.add_bias_linear = not flags.get("disable_bias_linear", False)
-        a.untie_embeddings_and_output_weights = bool(flags.get("untie_embeddings_and_output_weights", False))
-        a.position_embedding_type = flags.get("position_embedding_type", "learned_absolute")
-        a.padded_vocab_size = padded_vocab_size(self.vocab_size, flags.get("make_vocab_size_divisible_by", 128), 1)
-        return a
+        return self.shape(stage).as_args()
+
+    def shape(self, stage: Stage | None = None) -> ModelShape:
+        """The stage's (or the target's) model shape, with Megatron-LM's defaults."""
+        return ModelShape.from_flags({**self.target, **(stage.model if stage else {})},
+                                     seq_length=self.training["seq_length"], vocab_size=self.vocab_size)
 
     def parameters(self, stage: Stage | None = None) -> int:
-        from megagrow.checkpoint.view import parameter_count
-        return parameter_count(self.model_args(stage))
+        return self.shape(stage).parameters()
 
     def step_flops(self, stage: Stage | None = None) -> float:
-        return num_floating_point_operations(self.model_args(stage), self.training["global_batch_size"])
+        return self.shape(stage).flops(self.training["global_batch_size"])
 
     @property
     def tokens_per_iteration(self) -> int:

@@ -11,6 +11,7 @@ import argparse
 import os
 
 from megagrow.data.tokenizer import TOKENIZER_TYPES
+from megagrow.model.shape import default_ffn_hidden_size
 
 
 class ArgumentError(ValueError):
@@ -171,9 +172,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     if args.ffn_hidden_size is None:
-        # Megatron-LM's defaults; SwiGLU keeps the parameter count of a 4h GeLU MLP, rounded to 64.
-        args.ffn_hidden_size = (int(4 * args.hidden_size * 2 / 3 / 64) + 1) * 64 if args.swiglu \
-            else 4 * args.hidden_size
+        args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
     _require(args.ffn_hidden_size % tp == 0,
              f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     if args.max_position_embeddings is None:
@@ -215,7 +214,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         except (ValueError, TypeError, PlanError) as e:
             raise ArgumentError(f"--stage-stop: {e}") from None
     if args.load is not None:
-        from megagrow.checkpoint.errors import check_loadable
+        from megagrow.checkpoint.io import check_loadable
         check_loadable(args.load, same_as_save=args.load == args.save)
     if args.save_interval is not None:
         _require(args.save is not None, "--save-interval needs --save")

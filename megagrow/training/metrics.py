@@ -7,24 +7,8 @@ import math
 import os
 import time
 
+from megagrow.model.shape import num_floating_point_operations
 from megagrow.runtime.distributed import is_last_rank
-
-
-def num_floating_point_operations(args, batch_size: int) -> float:
-    """Model FLOPs of one forward+backward pass over `batch_size` sequences (Megatron-LM's formula).
-
-    Per layer and token: QKV and output projections, attention scores, MLP (x3/2 for SwiGLU), and the
-    logit layer once per token; x2 for multiply-add, x3 for forward plus backward.
-    """
-    kv_ratio = args.num_query_groups / args.num_attention_heads
-    kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
-    q_ratio = kv_channels * args.num_attention_heads / args.hidden_size
-    gated = 1.5 if args.swiglu else 1.0
-    h, L, s = args.hidden_size, args.num_layers, args.seq_length
-    return 12 * batch_size * s * L * h * h * (
-        (1 + kv_ratio + s / h) * q_ratio
-        + args.ffn_hidden_size / h * gated
-        + args.padded_vocab_size / (2 * L * h))
 
 
 class MetricsLogger:

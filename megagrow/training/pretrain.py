@@ -24,11 +24,11 @@ from megagrow.checkpoint.trainer import load_checkpoint, save_checkpoint
 from megagrow.data.loader import build_datasets, microbatches
 from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_impl
 from megagrow.model.growth_masks import install_growth_masks
-from megagrow.model.layout import padded_vocab_size
 from megagrow.runtime.distributed import initialize_distributed, print_rank_0, set_seeds
 from megagrow.runtime.versions import start_checkpoint_writer_manager
 from megagrow.scheduling.timing import StopRule
-from megagrow.training.metrics import MetricsLogger, num_floating_point_operations
+from megagrow.model.shape import num_floating_point_operations, padded_vocab_size
+from megagrow.training.metrics import MetricsLogger
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -1,0 +1,220 @@
+"""Checkpoint I/O: open any supported checkpoint as a view, write a view atomically, validate.
+
+Each format is one reader/writer module registered here (`FORMATS`): how to recognise an iteration
+directory, the view class that reads it (and lists its own problems), and the function that writes
+a view in it. `write_checkpoint` writes any view (a reader, or a growth operator's view of one) to
+`SAVE.partial` and renames it into place only once complete, so a source is never touched and a
+failed write leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from megagrow.checkpoint import dcp_stream, legacy_stream
+from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
+from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, check_target_parallelism, vocab_rows
+from megagrow.model.layout import resize_vocab_rows
+from megagrow.model.shape import ModelShape, parameter_count
+from megagrow.registry import Registry
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    name: str
+    detect: Callable[[str], bool]  # does this iteration directory hold a checkpoint of the format (cheap)
+    open: Callable[[str], CheckpointView]  # iteration directory -> view; raises CheckpointError
+    write: Callable  # (view, iteration dir, args, tp, pp, with_optimizer, progress) -> None
+
+
+FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format", CheckpointError)
+FORMATS.register("torch_dist", CheckpointFormat("torch_dist", dcp_stream.is_torch_dist, dcp_stream.TorchDistView,
+                                                dcp_stream.write_torch_dist))
+FORMATS.register("torch", CheckpointFormat("torch", legacy_stream.is_torch, legacy_stream.TorchView,
+                                           legacy_stream.write_torch))
+
+
+def detect_format(it_dir: str) -> str | None:
+    """The registered format of one iteration directory, or None."""
+    return next((f.name for f in FORMATS.values() if f.detect(it_dir)), None)
+
+
+def find_iteration_dir(path: str, flag: str = "") -> str:
+    """A checkpoint root (with the tracker file) or one iteration directory -> the iteration directory."""
+    where = f"{flag} {path}" if flag else path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{where}: no such directory")
+    if detect_format(path):
+        return path
+    iteration = read_tracker(path)
+    if iteration is None:
+        raise CheckpointError(f"{where}: not a checkpoint (no {TRACKER} and no checkpoint files)")
+    it_dir = iteration_dir(path, iteration)
+    if not os.path.isdir(it_dir):
+        raise CheckpointError(f"{where}: {TRACKER} names {os.path.basename(it_dir)}, which does not exist")
+    if not detect_format(it_dir):
+        raise CheckpointError(f"{where}: {it_dir} holds no checkpoint of a known format ({', '.join(FORMATS)})")
+    return it_dir
+
+
+def check_loadable(root: str, same_as_save: bool = False) -> None:
+    """Fail fast on a --load that is not a checkpoint directory.
+
+    `--load X --save X` on a fresh X is Megatron's requeue pattern: allowed, it starts from scratch.
+    """
+    if same_as_save and (not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))):
+        return
+    if os.path.isdir(root) and read_tracker(root) is None:
+        raise CheckpointError(f"--load {root}: not a checkpoint directory (no {TRACKER})")
+    find_iteration_dir(root, "--load")
+
+
+def open_checkpoint(path: str) -> CheckpointView:
+    it_dir = find_iteration_dir(path)
+    return FORMATS.get(detect_format(it_dir)).open(it_dir)
+
+
+class VocabResized(DerivedView):
+    """A view whose embedding/output rows are padded (or unpadded) for a target TP."""
+
+    def __init__(self, inner: CheckpointView, rows: int):
+        super().__init__(inner)
+        self.rows = rows
+
+    def read_globals(self) -> Unit:
+        unit = self.inner.read_globals()
+        for tensors in unit.values():
+            for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                if name in tensors:
+                    tensors[name] = resize_vocab_rows(tensors[name], self.rows)
+        return unit
+
+
+def refuse_same_directory(load: str, save: str) -> None:
+    if os.path.abspath(load) == os.path.abspath(save):
+        raise CheckpointError("--load and --save name the same directory; the source is never modified")
+
+
+def target_args(args, tp: int, pp: int, fmt: str):
+    """The source's args as the target's: its parallelism, format and vocabulary padding."""
+    new = copy.deepcopy(args)
+    dp = getattr(args, "data_parallel_size", 1) or 1
+    new.tensor_model_parallel_size, new.pipeline_model_parallel_size = tp, pp
+    new.world_size = tp * pp * dp
+    new.ckpt_format = fmt
+    new.padded_vocab_size = vocab_rows(args, tp)
+    if pp != args.pipeline_model_parallel_size:  # uneven stages were for the old pipeline
+        new.decoder_first_pipeline_num_layers = new.decoder_last_pipeline_num_layers = None
+    return new
+
+
+class Progress:
+    """One self-rewriting stderr line: units done, rate, elapsed."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled, self.t0 = total, label, enabled and total > 0, time.time()
+
+    def __call__(self, done: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        fill = int(width * done / self.total)
+        rate = done / max(time.time() - self.t0, 1e-9)
+        sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} layers "
+                         f"{time.time() - self.t0:6.1f}s ({rate:.2f} layers/s)")
+        if done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def check_target(save: str, force: bool) -> None:
+    """Refuse a --save that exists as a file, or holds something, unless --force."""
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise CheckpointError(f"--save {save}: exists and is not a directory")
+    if os.path.isdir(save) and os.listdir(save) and not force:
+        raise CheckpointError(f"--save {save}: directory exists and is not empty (pass --force to replace it)")
+
+
+def write_checkpoint(view: CheckpointView, save: str, args, fmt: str, with_optimizer: bool,
+                     force: bool = False, progress: bool = True, label: str = "writing",
+                     copy_chunks: bool = False, layer_map: list[int] | None = None) -> str:
+    """Write `view` under `save` (`iter_N/` + tracker) via a temporary sibling renamed at the end."""
+    writer = FORMATS.get(fmt, "--ckpt-format: ").write
+    check_target(save, force)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    check_target_parallelism(args, tp, pp)
+    partial = save.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    it_dir = iteration_dir(partial, view.iteration)
+    bar = Progress(args.num_layers, label, progress)
+    try:
+        if copy_chunks:  # torch_dist to torch_dist, tensors unchanged: see dcp_stream.copy_torch_dist
+            dcp_stream.copy_torch_dist(view, it_dir, args, with_optimizer, bar, layer_map)
+        else:
+            os.makedirs(it_dir, exist_ok=True)
+            writer(view, it_dir, args, tp, pp, with_optimizer, bar)
+        with open(os.path.join(partial, TRACKER), "w") as f:
+            f.write(str(view.iteration) if view.iteration else "release")
+        if os.path.exists(save):
+            old = save.rstrip("/") + ".old"
+            os.replace(save, old)
+            os.replace(partial, save)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, save)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        view.close()
+    return iteration_dir(save, view.iteration)
+
+
+def check_source(view: CheckpointView, with_optimizer: bool) -> None:
+    """Refuse an incomplete or inconsistent source before anything is written."""
+    problems = view.problems()
+    if problems:
+        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems; see "
+                                             f"megagrow checkpoint inspect)" if len(problems) > 1 else ""))
+    if with_optimizer and getattr(view, "unsupported_optimizer", None):
+        raise CheckpointError(f"{view.path}: cannot carry {view.unsupported_optimizer}; pass --no-optimizer")
+
+
+def directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def inspect(path: str) -> dict:
+    """What a checkpoint holds and whether it is complete; problems are listed, not raised."""
+    it_dir = find_iteration_dir(path)
+    info = {"path": it_dir, "format": detect_format(it_dir), "size_bytes": directory_bytes(it_dir)}
+    try:
+        view = open_checkpoint(path)
+    except CheckpointError as e:
+        return {**info, "complete": False, "problems": [str(e)]}
+    a, shape = view.args, ModelShape.from_args(view.args)
+    info.update({
+        "iteration": view.iteration,
+        "tensor_model_parallel_size": a.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": a.pipeline_model_parallel_size,
+        "model": {"num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
+                  "ffn_hidden_size": shape.ffn_hidden_size, "num_attention_heads": shape.num_attention_heads,
+                  "num_query_groups": shape.num_query_groups, "swiglu": shape.swiglu,
+                  "normalization": getattr(a, "normalization", None),
+                  "tied_embeddings": not shape.untie_embeddings_and_output_weights,
+                  "padded_vocab_size": a.padded_vocab_size},
+        "parameters": parameter_count(a),
+        "optimizer": (None if view.optimizer is None else
+                      ("distributed" if view.optimizer.distributed else "plain") + f" adam, step {view.optimizer.step:g}"),
+    })
+    problems = view.problems()
+    view.close()
+    info.update({"complete": not problems, "problems": problems})
+    return info
