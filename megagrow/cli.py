@@ -48,59 +48,40 @@ def cmd_convert(a) -> int:
 
 
 def cmd_grow(a) -> int:
-    from megagrow.growth.grow import grow, plan_report
-    from megagrow.growth.depth import GrowthError
-    from megagrow.growth.operators import parse_spec
-    sizes = {f: getattr(a, f) for f in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")}
-    if a.data_path and parse_spec(a.op)[0] != "learn":
-        raise GrowthError("--data-path is read only by --op learn (the data its maps are fitted on)")
-    if any(v is not None for v in sizes.values()):
-        if a.num_layers is not None:
-            raise GrowthError("grow depth (--num-layers) and width (--hidden-size ...) in two steps, one operator each")
-        from megagrow.growth.grow import grow_width
-        out = grow_width(a.load, a.save, a.op, sizes, a.target_tp, a.target_pp, a.ckpt_format, a.seed,
-                         not a.no_optimizer, a.force, progress=not a.quiet, data_path=a.data_path)
-        print(f"wrote {out}")
-        return 0
-    out, plan = grow(a.load, a.save, a.op, a.num_layers, a.target_tp, a.target_pp, a.ckpt_format, a.seed,
-                     not a.no_optimizer, a.force, progress=not a.quiet, rechunk=a.rechunk, data_path=a.data_path)
-    print(plan_report(plan))
-    print(f"wrote {out}")
+    from megagrow.growth.grow import grow
+    sizes = {f: getattr(a, f) for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                        "num_query_groups")}
+    grown = grow(a.load, a.save, a.op, sizes, a.target_tp, a.target_pp, a.ckpt_format, seed=a.seed,
+                 with_optimizer=not a.no_optimizer, force=a.force, progress=not a.quiet, rechunk=a.rechunk,
+                 data_path=a.data_path)
+    print(grown.report)
+    print(f"wrote {grown.path}")
     return 0
 
 
 def cmd_ops_list(a) -> int:
-    from megagrow.growth.operators import OPERATORS
-    from megagrow.growth.width import WIDTH_OPERATORS
-    print(f"{'operator':<12} {'grows':<6} {'function-preserving':<20} what it does")
-    rows = [(op.name, op.dimension, op.preserves_function, op.summary) for op in OPERATORS.values()]
-    rows += [(name, "width", keeps, summary) for name, (keeps, summary) in WIDTH_OPERATORS.items()]
-    for name, dimension, keeps, summary in rows:
-        print(f"{name:<12} {dimension:<6} {'yes' if keeps else 'no':<20} {summary}")
-    print("depth operators take --num-layers; width operators take --hidden-size/--ffn-hidden-size/"
-          "--num-attention-heads/--num-query-groups")
+    from megagrow.growth.registry import operators_table
+    print(operators_table())
     return 0
 
 
-def _megatron_flags(argv: list[str]) -> dict[str, dict]:
-    """Megatron-LM flags given on the command line, sorted by the trainer's argument groups."""
-    from megagrow.training.arguments import build_parser as trainer_parser
-    p = trainer_parser()
-    for action in p._actions:
-        action.default, action.required = argparse.SUPPRESS, False
-    given = vars(p.parse_args(argv))
-    groups = {}
-    for group in p._action_groups:
-        for action in group._group_actions:
-            if action.dest in given:  # keyed by flag name: --disable-bias-linear -> disable_bias_linear: true
-                value = True if isinstance(action.const, bool) and action.nargs == 0 else given[action.dest]
-                groups.setdefault(group.title, {})[action.option_strings[0][2:].replace("-", "_")] = value
-    return groups
+class _HelpWithOperators(argparse.Action):
+    """-h of `checkpoint grow`: its epilog lists the registry's operators, imported (torch) only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from megagrow.growth.registry import operators_table
+        parser.epilog = "operators (--op NAME[:PARAMS]):\n" + operators_table()
+        parser.print_help()
+        parser.exit()
 
 
 def cmd_plan(a, rest: list[str]) -> int:
     from megagrow.scheduling.plan import describe, dump_plan, make_plan
-    g = _megatron_flags(rest)
+    from megagrow.training.flags import from_argv
+    g = from_argv(rest)
     target, data = g.get("model", {}), g.get("data", {})
     training = {**g.get("training", {}), **g.get("logging", {}), **g.get("checkpointing", {})}
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
@@ -135,22 +116,23 @@ def cmd_plan(a, rest: list[str]) -> int:
 
 
 def cmd_run(a) -> int:
-    from megagrow.scheduling.driver import run
+    from megagrow.launching import Resources
+    from megagrow.scheduling.driver import default_run_dir, dry_run, run
+    resources = Resources(a.nodes, a.nproc_per_node, a.cpus_per_node, a.gpus_per_node)
     if a.dry_run:
-        from megagrow.scheduling.driver import dry_run
-        for name, cmd in dry_run(a.plan, a.launcher):
-            print(f"{name}: {' '.join(cmd)}")
+        print("\n".join(dry_run(a.plan, a.output, a.launcher, resources, a.baseline)))
         return 0
-    summary = run(a.plan, a.output, baseline=a.baseline, progress=not a.quiet, launcher=a.launcher)
+    summary = run(a.plan, a.output, baseline=a.baseline, progress=not a.quiet, launcher=a.launcher,
+                  resources=resources)
     if summary.get("speedup") is not None:
         print(f"speed-up: {summary['speedup']:.2f}")
-    print(f"report: {os.path.join(a.output or os.path.splitext(a.plan)[0] + '_run', 'report.md')}")
+    print(f"report: {os.path.join(default_run_dir(a.plan, a.output), 'report.md')}")
     return 0
 
 
 def cmd_lag_analyze(a) -> int:
-    from megagrow.lag.study import analyze_dir
-    for lag, s in analyze_dir(a.run_dir).items():
+    from megagrow.lag.analysis import analyze_run
+    for lag, s in analyze_run(a.run_dir).items():
         _print_lag(lag, s)
     return 0
 
@@ -200,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", required=True)
     c.add_argument("--target-tp", type=int, default=None)
     c.add_argument("--target-pp", type=int, default=None)
-    c.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default=None)
+    c.add_argument("--ckpt-format", default=None,
+                   help="a registered format (checkpoint.io.FORMATS: torch_dist, torch); default: the source's")
     c.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state")
     c.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
     c.add_argument("--rechunk", action="store_true",
@@ -209,10 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
-    g = ck.add_parser("grow", help="grow a checkpoint with a growth operator (megagrow ops list)")
+    g = ck.add_parser("grow", help="grow a checkpoint with a growth operator (megagrow ops list)", add_help=False,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("-h", "--help", action=_HelpWithOperators, help="show this help, with the operators, and exit")
     g.add_argument("--load", required=True)
     g.add_argument("--save", required=True)
-    g.add_argument("--op", required=True, help="operator spec, e.g. stack:g=4, lag:p=2,b=1,init=dup, partial:12-3456*5-56")
+    g.add_argument("--op", required=True, help="operator spec NAME[:PARAMS], e.g. stack:g=4, lag:p=2,b=1,init=dup, "
+                   "partial:12-3456*5-56 (operators below)")
     g.add_argument("--num-layers", type=int, default=None, help="depth of the grown model")
     for flag in ("--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups"):
         g.add_argument(flag, type=int, default=None, help="width of the grown model")
@@ -252,9 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", default=None, help="run directory (default: PLAN without .yaml + _run)")
     r.add_argument("--baseline", action="store_true", help="also train the target from scratch on the same budget")
     r.add_argument("--quiet", action="store_true")
-    r.add_argument("--launcher", choices=["auto", "local", "slurm"], default="auto",
+    from megagrow.launching import LAUNCHERS
+    r.add_argument("--launcher", choices=["auto", *LAUNCHERS.names()], default="auto",
                    help="job steps as torchrun here, or srun inside a SLURM allocation (auto: srun when in one)")
-    r.add_argument("--dry-run", action="store_true", help="print each stage's launch command, run nothing")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the growth and launch commands the run would execute, in order; run and write nothing")
+    r.add_argument("--nodes", type=int, default=None,
+                   help="slurm: nodes of the allocation (default: the allocation's; needed outside one)")
+    r.add_argument("--nproc-per-node", type=int, default=None,
+                   help="slurm: ranks per node (default: the allocation's GPUs per node, else its tasks per node)")
+    r.add_argument("--cpus-per-node", type=int, default=None, help="slurm: default: the allocation's")
+    r.add_argument("--gpus-per-node", type=int, default=None, help="slurm: default: the allocation's")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="a staged run against training from scratch on the same FLOPs budget, "
@@ -297,11 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 1
-    from megagrow.scheduling.driver import Interrupted
-    from megagrow.scheduling.timing import PlanError
+    from megagrow.errors import MegagrowError
+    from megagrow.launching.job_step import Interrupted
     try:
         return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
-    except (CheckpointError, PlanError) as e:
+    except MegagrowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

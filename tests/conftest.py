@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from megagrow.runtime.ranks import free_port  # noqa: E402,F401  (tests rendezvous on it)
 
 
 def run_tool(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -42,12 +43,6 @@ class Run:
 
     def losses(self, kind: str = "train") -> dict[int, float]:
         return {r["iteration"]: r["lm loss"] for r in self.metrics if r["kind"] == kind}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_args(data_dir, **overrides) -> list[str]:

@@ -39,8 +39,8 @@ def main(root: str, out: str) -> None:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, "gloo")
     set_seeds(args.seed)
     model = build_gpt_model(args, transformer_config(args), args.tokenizer_vocab_size)
-    iteration, _ = load_checkpoint(root, _Wrapped(model), None, None, args)
-    install_growth_masks(model, args, iteration)  # masked width growth: as the trainer would resume it
+    iteration, _, run_state = load_checkpoint(root, _Wrapped(model), None, None, args)
+    install_growth_masks(model, args, run_state, iteration)  # masked width growth: as the trainer would resume it
     model.eval()
     g = torch.Generator().manual_seed(0)
     vocab = args.tokenizer_vocab_size

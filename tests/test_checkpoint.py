@@ -221,3 +221,63 @@ def test_bf16_optimizer_master_copies_survive_conversion(data_dir, tmp_path):
         assert resumed.returncode == 0, resumed.output
         losses.append(resumed.losses())
     assert sorted(losses[0]) == [4, 5, 6] and losses[0] == losses[1]
+
+
+class _ToyView:
+    """A toy format's reader: every unit of the model in one torch file (the whole checkpoint in memory)."""
+
+    format = "toy"
+    dp_reshardable = False
+
+    def __new__(cls, it_dir: str):
+        import torch
+        from megagrow.checkpoint.view import CheckpointView
+        saved = torch.load(os.path.join(it_dir, "toy.pt"), weights_only=False)
+
+        class View(CheckpointView):
+            format, dp_reshardable, path = "toy", False, it_dir
+
+            def read_globals(self):
+                return saved["globals"]
+
+            def read_layer(self, index):
+                return saved["layers"][index]
+        return View(saved["args"], saved["iteration"], saved["optimizer"], saved["extra"])
+
+
+def _write_toy(view, it_dir, args, tp, pp, with_optimizer, progress):
+    import torch
+    keep = (lambda unit: unit) if with_optimizer else (lambda unit: {"model": unit["model"]})
+    layers = []
+    for i in range(args.num_layers):
+        layers.append(keep(view.read_layer(i)))
+        progress(i + 1)
+    torch.save({"args": args, "iteration": view.iteration, "optimizer": view.optimizer if with_optimizer else None,
+                "extra": view.extra, "globals": keep(view.read_globals()), "layers": layers},
+               os.path.join(it_dir, "toy.pt"))
+
+
+def test_a_checkpoint_format_is_one_reader_writer_and_one_registration(trained, tmp_path):
+    """A format registered here (reader, writer, detection) serves convert both ways; nothing else changes."""
+    from megagrow.checkpoint.io import FORMATS, CheckpointFormat, inspect, open_checkpoint
+    from megagrow.cli import main
+    FORMATS.register("toy", CheckpointFormat("toy", lambda d: os.path.exists(os.path.join(d, "toy.pt")), _ToyView,
+                                             _write_toy))
+    try:
+        toy, back = tmp_path / "toy", tmp_path / "back"
+        assert main(["checkpoint", "convert", "--load", str(trained / "llama"), "--save", str(toy),
+                     "--ckpt-format", "toy", "--quiet"]) == 0
+        assert inspect(str(toy))["format"] == "toy" and inspect(str(toy))["complete"]
+        assert main(["checkpoint", "convert", "--load", str(toy), "--save", str(back), "--ckpt-format", "torch_dist",
+                     "--target-tp", "1", "--target-pp", "1", "--quiet"]) == 0
+        a, b = open_checkpoint(str(trained / "llama")), open_checkpoint(str(back))
+        for unit_a, unit_b in [(a.read_globals(), b.read_globals())] + [(a.read_layer(i), b.read_layer(i))
+                                                                         for i in range(a.num_layers)]:
+            assert unit_a.keys() == unit_b.keys()
+            for state, tensors in unit_a.items():
+                for name, t in tensors.items():
+                    u = unit_b[state][name]
+                    rows = min(len(t), len(u))  # the vocabulary is padded for each TP
+                    assert t[:rows].equal(u[:rows]), (state, name)
+    finally:
+        FORMATS.unregister("toy")

@@ -13,7 +13,8 @@ from conftest import tiny_args, torchrun
 from test_checkpoint import megagrow
 from test_staged import final, megagrow_run, staged_plan
 
-from megagrow.lag.probe import candidates, design_space, slug
+from megagrow.lag.probe import candidates, design_space
+from megagrow.runs.directory import slug
 from megagrow.scheduling.plan import Plan, Stage
 
 SPECS = ["lag:p=1,b=1,init=dup", "lag:p=1,b=2,init=dup", "lag:p=1,b=1,init=random", "lag:p=1,b=2,init=random"]

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 from slurm_cluster import LocalSlurm, ensure_installed
-from test_staged import staged_plan
+from test_staged import dry_run_launches, launched, staged_plan
 
 from megagrow.scheduling.plan import Plan, Stage
 
@@ -45,7 +45,7 @@ def slurm_plan(data_dir, tmp_path, stage0_iters: int) -> str:
 def batch_script(tmp_path, plan: str, run_dir) -> str:
     script = tmp_path / "run.sbatch"
     script.write_text(f"""#!/bin/bash
-#SBATCH --nodes=2 --ntasks-per-node=1 --job-name=megagrow-test
+#SBATCH --nodes=2 --ntasks-per-node=1 --cpus-per-task=2 --job-name=megagrow-test
 #SBATCH --output={tmp_path}/job-%j.out
 cd {ROOT}
 exec {sys.executable} -m megagrow.cli run {plan} --output {run_dir} --launcher slurm
@@ -56,10 +56,14 @@ exec {sys.executable} -m megagrow.cli run {plan} --output {run_dir} --launcher s
 @pytest.mark.slow
 def test_staged_run_and_lag_probes_as_job_steps(slurm, data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    job = slurm.sbatch(batch_script(tmp_path, slurm_plan(data_dir, tmp_path, 6), run_dir))
+    plan = slurm_plan(data_dir, tmp_path, 6)
+    # Outside the allocation, the shape given by flags: the lines must be the ones srun runs inside it.
+    planned = dry_run_launches(plan, run_dir, "--launcher", "slurm", "--nodes", "2", "--cpus-per-node", "2")
+    job = slurm.sbatch(batch_script(tmp_path, plan, run_dir))
     state = slurm.wait(job)
     log = open(tmp_path / f"job-{job}.out").read()
     assert state == "COMPLETED", log[-3000:]
+    assert launched(run_dir) == planned and len(planned) == 4, (launched(run_dir), planned)
     report = json.load(open(run_dir / "report.json"))
     assert [s["decision"]["iteration"] for s in report["stages"]] == [6, 14]
     assert "DP 2" in open(run_dir / "stage0_2l" / "log.txt").read()  # 2 nodes x 1 rank, one data-parallel job

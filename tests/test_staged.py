@@ -42,6 +42,27 @@ def megagrow_run(plan, out, *extra):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def dry_run_launches(plan, out, *extra) -> list[str]:
+    """The launch lines `megagrow run --dry-run` prints (comments and growth commands left out); it writes nothing."""
+    out_dir = os.path.join(str(out))
+    proc = subprocess.run([sys.executable, "-m", "megagrow.cli", "run", plan, "--output", out_dir, "--dry-run", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.exists(out_dir)
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("megagrow checkpoint grow --load") for line in lines)
+    return sorted(line for line in lines if line and not line.startswith(("#", "megagrow checkpoint grow")))
+
+
+def launched(run_dir) -> list[str]:
+    """Every command the run's launcher executed: the first line of each job step's log."""
+    found = []
+    for d, _, files in os.walk(run_dir):
+        if "log.txt" in files:
+            found += [line[2:].rstrip("\n") for line in open(os.path.join(d, "log.txt")) if line.startswith("$ ")]
+    return sorted(found)
+
+
 def final(run_dir) -> dict:
     with open(os.path.join(run_dir, "report.json")) as f:
         return json.load(f)
@@ -50,9 +71,11 @@ def final(run_dir) -> dict:
 @pytest.mark.slow
 def test_three_stage_run_grows_twice_and_survives_a_kill(data_dir, tmp_path):
     plan = staged_plan(data_dir, tmp_path / "plan.yaml")
+    planned = dry_run_launches(plan, tmp_path / "whole")
     whole = megagrow_run(plan, tmp_path / "whole")
     output = whole.communicate(timeout=600)[0]
     assert whole.returncode == 0, output[-3000:]
+    assert launched(tmp_path / "whole") == planned and len(planned) == 3  # the dry run printed what ran
     assert "growing stage0_2l (2 layers" in output and "growing stage1_4l (4 layers" in output
     report = final(tmp_path / "whole")
     stages = report["stages"]

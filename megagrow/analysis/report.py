@@ -10,24 +10,11 @@ evaluations.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-
-def read_metrics(path: str) -> dict[str, list[dict]]:
-    """Train and validation records of one stage; a resumed stage's re-done iterations keep the last record."""
-    latest: dict[tuple, dict] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                latest[(r["kind"], r["iteration"])] = r
-    out = {"train": [], "valid": []}
-    for (kind, _), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        out.setdefault(kind, []).append(r)
-    return out
+from megagrow.runs.directory import RunDir, write_json
 
 
 def flops_to_reach(curve: list[tuple[float, float]], loss: float) -> float | None:
@@ -86,44 +73,31 @@ def _plot(path: str, stages: list, baseline: dict | None, x_of, xlabel: str) -> 
     plt.close(fig)
 
 
-def _lag_section(run_dir: str, name: str, lag: dict) -> list[str]:
-    from megagrow.lag.study import analyze_dir
-    try:
-        analyze_dir(os.path.join(run_dir, name))
-    except ValueError:  # fewer than two probes survived: nothing to correlate
-        pass
+def _lag_section(name: str, lag: dict, analysed: bool) -> list[str]:
     rows = [f"| {spec} | {loss:.4f} |" for spec, loss in sorted(lag["losses"].items(), key=lambda kv: kv[1])]
     failed = f" Failed probes (left out): {', '.join(lag['failed'])}." if lag["failed"] else ""
     return ["", f"LAG@{lag['k']} before {name}: picked **{lag['winner']}**.{failed}", "",
-            f"| candidate | validation loss after {lag['k']} iterations |", "|---|---|", *rows, "",
-            f"![LAG probe curves]({name}/analysis/probe_curves.png)"]
+            f"| candidate | validation loss after {lag['k']} iterations |", "|---|---|", *rows] + (
+            ["", f"![LAG probe curves]({name}/analysis/probe_curves.png)"] if analysed else [])
 
 
-def write_report(run_dir: str, plan) -> dict:
-    stage_dirs = [f"stage{i}_{s.name}" for i, s in enumerate(plan.stages)]
-    stages = []
-    for name in stage_dirs:
-        decision = None
-        path = os.path.join(run_dir, name, "decision.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                decision = json.load(f)
-        stages.append((name, read_metrics(os.path.join(run_dir, name, "metrics.jsonl")), decision))
-    base_dir = os.path.join(run_dir, "baseline")
-    baseline = read_metrics(os.path.join(base_dir, "metrics.jsonl")) if os.path.isdir(base_dir) else None
+def write_report(run: RunDir, plan) -> dict:
+    """report.md, report.json and the figures, from the run directory's files alone."""
+    dirs = [run.stage(i, s.name) for i, s in enumerate(plan.stages)]
+    stages = [(d.name, d.metrics(), d.decision()) for d in dirs]
+    base = run.baseline()
+    baseline = base.metrics() if os.path.isdir(base.dir) else None
     tokens = plan.tokens_per_iteration
-    _plot(os.path.join(run_dir, "loss_vs_flops.png"), stages, baseline, lambda r: r["flops"], "FLOPs")
-    _plot(os.path.join(run_dir, "loss_vs_tokens.png"), stages, baseline, lambda r: r["iteration"] * tokens, "tokens")
+    _plot(run.figure("loss_vs_flops.png"), stages, baseline, lambda r: r["flops"], "FLOPs")
+    _plot(run.figure("loss_vs_tokens.png"), stages, baseline, lambda r: r["iteration"] * tokens, "tokens")
 
     # LAG's losing probes cost FLOPs too: from a LAG stage on, the staged run is charged for them.
     staged_curve, overhead, lag_lines = [], 0.0, []
-    for name, m, _ in stages:
-        lag_file = os.path.join(run_dir, name, "lag.json")
-        if os.path.exists(lag_file):
-            with open(lag_file) as f:
-                lag = json.load(f)
+    for d, (name, m, _) in zip(dirs, stages):
+        lag = d.lag()
+        if lag:
             overhead += lag["overhead_flops"]
-            lag_lines += _lag_section(run_dir, name, lag)
+            lag_lines += _lag_section(name, lag, os.path.isdir(d.analysis_dir))
         staged_curve += [(r["flops"] + overhead, r["lm loss"]) for r in m["valid"]]
     summary = {"stages": [{"name": n, "decision": d and {k: d[k] for k in ("iteration", "reason", "flops")},
                            "final_valid_loss": m["valid"][-1]["lm loss"] if m["valid"] else None}
@@ -154,8 +128,8 @@ def write_report(run_dir: str, plan) -> dict:
         lines.append(f"The staged FLOPs include {overhead:.4g} FLOPs of LAG probes that were not kept.")
     lines += lag_lines
     lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", "", "![loss vs tokens](loss_vs_tokens.png)", ""]
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
+    with open(run.report_md + ".tmp", "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    os.replace(run.report_md + ".tmp", run.report_md)
+    write_json(run.report_json, summary)
     return summary

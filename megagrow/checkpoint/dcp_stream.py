@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.planner import LoadPlan
 
 from megagrow.checkpoint.errors import CheckpointError
 from megagrow.checkpoint.dp_reshardable import DpReshardableState, is_dp_reshardable, is_flat_key, param_groups
-from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, CheckpointView, OptimizerCommon,
-                                      Unit)
+from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, RUN_STATE_KEY, CheckpointView,
+                                      OptimizerCommon, Unit, run_state)
 from megagrow.model.layout import pipeline_stages, tp_chunk_ranges
 from megagrow.model.shape import expected_shapes, gated
 
@@ -119,8 +119,8 @@ class TorchDistView(CheckpointView):
         opt = common.get("optimizer")
         self.dp_reshardable = is_dp_reshardable(opt)  # optimizer state in flat buckets: see dp_reshardable.py
         super().__init__(args=args, iteration=common.get("iteration", 0), optimizer=_optimizer_common(opt, self),
-                         extra={k: common[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
-                                if k in common})
+                         extra={**{k: common[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
+                                   if k in common}, RUN_STATE_KEY: run_state(common, args)})
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata) and not is_flat_key(k)}
         self._states = tuple(sorted({_split_key(k)[0] for k in self.tensors} - {"model"})) if self.optimizer else ()
@@ -339,7 +339,8 @@ def _write_common(view: CheckpointView, out_dir: str, args, with_optimizer: bool
     common = {"checkpoint_version": 3.0, "iteration": view.iteration, "args": args,
               "num_floating_point_operations_so_far": view.extra.get("num_floating_point_operations_so_far", 0),
               "content_metadata": written_content_metadata(with_optimizer and view.optimizer is not None
-                                                           and view.optimizer.distributed)}
+                                                           and view.optimizer.distributed),
+              RUN_STATE_KEY: view.extra.get(RUN_STATE_KEY, {})}
     if with_optimizer and view.optimizer is not None:
         common["optimizer"] = optimizer_common_to_torch_dist(view.optimizer)
         if "opt_param_scheduler" in view.extra:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+from megagrow.errors import MegagrowError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MegagrowError):
     """A checkpoint that cannot be used as asked; printed as one line."""
 
 

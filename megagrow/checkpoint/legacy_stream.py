@@ -15,7 +15,8 @@ from collections import OrderedDict
 import torch
 
 from megagrow.checkpoint.errors import CheckpointError
-from megagrow.checkpoint.view import EXTRA_STATE_MODULES, LAYER_PREFIX, CheckpointView, OptimizerCommon, Unit
+from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, RUN_STATE_KEY, CheckpointView, OptimizerCommon,
+                                      Unit, run_state)
 from megagrow.model.layout import (fused_name, layer_param_order, optimizer_param_groups, pipeline_stages, spec_name,
                                    split_layer_key, tp_local_chunk, tp_partition_dim, tp_unshard)
 from megagrow.model.shape import expected_shapes, gated, tied
@@ -86,8 +87,8 @@ class TorchView(CheckpointView):
             optimizer = OptimizerCommon([{k: v for k, v in g.items() if k != "params"} for g in adam["param_groups"]],
                                         float(step), distributed=False)
         super().__init__(args=args, iteration=first.get("iteration", 0), optimizer=optimizer,
-                         extra={k: first[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
-                                if k in first})
+                         extra={**{k: first[k] for k in ("opt_param_scheduler", "num_floating_point_operations_so_far")
+                                   if k in first}, RUN_STATE_KEY: run_state(first, args)})
         self._open: dict[tuple[int, int], dict] = {}
 
     def _shard(self, tp_rank: int, pp_rank: int) -> dict:
@@ -226,7 +227,8 @@ def write_torch(view: CheckpointView, out_dir: str, args, tp: int, pp: int, with
                 model["output_layer._extra_state"] = None
             del glob
             state = {"args": args, "checkpoint_version": 3.0, "iteration": view.iteration, "model": model,
-                     "num_floating_point_operations_so_far": view.extra.get("num_floating_point_operations_so_far", 0)}
+                     "num_floating_point_operations_so_far": view.extra.get("num_floating_point_operations_so_far", 0),
+                     RUN_STATE_KEY: view.extra.get(RUN_STATE_KEY, {})}
             if with_optimizer:
                 state["optimizer"] = _adam_state_dict(model, optim, view.optimizer)
                 if "opt_param_scheduler" in view.extra:

@@ -26,6 +26,7 @@ from megagrow.checkpoint.dcp_stream import COMMON_PT, read_common_state, written
 from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
 from megagrow.checkpoint.io import detect_format
 from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
+from megagrow.checkpoint.view import RUN_STATE_KEY, run_state
 from megagrow.model.shape import padded_vocab_size
 from megagrow.runtime.versions import READS_COMMON_STATE_IN_DCP
 
@@ -79,10 +80,12 @@ def _loaded_content_metadata(common: dict, stored_keys) -> dict:
 
 
 def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, metadata: dict,
-                        is_loading: bool, with_optimizer: bool = True, with_rng: bool = True) -> dict:
+                        is_loading: bool, with_optimizer: bool = True, with_rng: bool = True,
+                        run_state: dict | None = None) -> dict:
     model_sd = model.module.sharded_state_dict(metadata=metadata)
     state = {"model": model_sd, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-             "args": args, "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0)}
+             "args": args, "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0),
+             RUN_STATE_KEY: run_state or {}}
     if with_optimizer and optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -91,16 +94,17 @@ def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, metad
     return state
 
 
-def _write_torch_dist(tmp: str, iteration: int, model, optimizer, scheduler, args) -> None:
+def _write_torch_dist(tmp: str, iteration: int, model, optimizer, scheduler, args, run_state: dict) -> None:
     # fully_reshardable by default (Megatron-LM's --dist-ckpt-optim-fully-reshardable): loadable at any
     # TP/PP/DP, with or without the distributed optimizer.
     meta = written_content_metadata(args.use_distributed_optimizer,
                                     getattr(args, "dist_ckpt_optim_sharding", "fully_reshardable"))
-    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, meta, is_loading=False)
+    state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, meta, is_loading=False,
+                                run_state=run_state)
     dist_checkpointing.save(state, tmp, content_metadata=meta)
 
 
-def _write_torch(tmp: str, iteration: int, model, optimizer, scheduler, args) -> None:
+def _write_torch(tmp: str, iteration: int, model, optimizer, scheduler, args, run_state: dict) -> None:
     """Megatron-LM's legacy format: one file per (TP, PP) rank, written by data-parallel rank 0."""
     if parallel_state.get_data_parallel_rank() != 0:
         return
@@ -111,12 +115,14 @@ def _write_torch(tmp: str, iteration: int, model, optimizer, scheduler, args) ->
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
              "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
              "opt_param_scheduler": scheduler.state_dict(), "rng_state": [_rng_state()],
-             "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0)}
+             "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0),
+             RUN_STATE_KEY: run_state}
     torch.save(state, os.path.join(d, SHARD_FILE))
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args) -> str:
-    """Save on every rank (collective) in --ckpt-format; returns the final iteration directory."""
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args, run_state: dict) -> str:
+    """Save on every rank (collective) in --ckpt-format, with megagrow's run state (view.run_state);
+    returns the final iteration directory."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     rank = torch.distributed.get_rank()
@@ -126,7 +132,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, args
         os.makedirs(tmp)
     torch.distributed.barrier()
     write = _write_torch if args.ckpt_format == "torch" else _write_torch_dist
-    write(tmp, iteration, model, optimizer, scheduler, args)
+    write(tmp, iteration, model, optimizer, scheduler, args, run_state)
     torch.distributed.barrier()
     if rank == 0:
         if os.path.exists(final):  # re-saving an iteration: keep the old one until the new one is in place
@@ -289,14 +295,14 @@ def _load_torch(path: str, model, optimizer, scheduler, args, iteration: int, sa
     return state, saved_args
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, int]:
+def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, int, dict]:
     """Load the tracker's checkpoint (either format) into model, optimizer, scheduler and RNG unless told not to.
 
-    Returns (iteration, consumed_train_samples); (0, 0) when there is nothing to load.
+    Returns (iteration, consumed_train_samples, run state); (0, 0, empty state) when there is nothing to load.
     """
     iteration = read_tracker(root)
     if iteration is None:
-        return 0, 0
+        return 0, 0, run_state({}, args)
     path = iteration_dir(root, iteration)
 
     def same_layout(saved_args):
@@ -306,9 +312,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> tuple[int, 
     load = _load_torch_dist if detect_format(path) == "torch_dist" else _load_torch
     common, saved_args = load(path, model, optimizer, scheduler, args, iteration, same_layout)
     if args.finetune:
-        return 0, 0
-    args.growth_masks = getattr(saved_args, "growth_masks", None)  # masked width growth still opening
-    args.validation_curve = list(getattr(saved_args, "validation_curve", []))  # for stop rules across restarts
+        return 0, 0, run_state({}, args)
     args.num_floating_point_operations_so_far = common.get("num_floating_point_operations_so_far", 0)
-    return iteration, getattr(saved_args, "consumed_train_samples", iteration * saved_args.global_batch_size)
+    consumed = getattr(saved_args, "consumed_train_samples", iteration * saved_args.global_batch_size)
+    return iteration, consumed, run_state(common, saved_args)
 

@@ -12,19 +12,34 @@ so memory holds a few units at a time, never the model.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from megagrow.checkpoint.errors import CheckpointError
-from megagrow.model.shape import padded_vocab_size
+from megagrow.model.shape import padded_vocab_size, query_groups
 
 Unit = dict[str, dict[str, torch.Tensor]]
 
 LAYER_PREFIX = "decoder.layers."
 # Linear modules whose (empty on the local spec) `_extra_state` torch_dist stores per layer.
 EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+# megagrow's run-time record, a key of its own beside Megatron-LM's in the common state (Megatron-LM
+# ignores it): what is not a flag but must survive a restart or a growth.
+RUN_STATE_KEY = "megagrow_state"
+
+
+def run_state(common: dict, args) -> dict:
+    """{growth_masks: the masked width growth still opening or None, validation_curve: [(iteration, loss,
+    flops), ...] for stop rules across restarts}; older megagrow checkpoints kept both inside args."""
+    record = dict(common.get(RUN_STATE_KEY) or {})
+    for key, default in (("growth_masks", None), ("validation_curve", [])):
+        record.setdefault(key, getattr(args, key, default))
+        if hasattr(args, key):
+            delattr(args, key)
+    return record
 
 
 @dataclass
@@ -41,11 +56,16 @@ class CheckpointView:
     args: argparse.Namespace
     iteration: int
     optimizer: OptimizerCommon | None = None
-    extra: dict = field(default_factory=dict)  # opt_param_scheduler, num_floating_point_operations_so_far
+    extra: dict = field(default_factory=dict)  # opt_param_scheduler, num_floating_point_operations_so_far, RUN_STATE_KEY
 
     @property
     def num_layers(self) -> int:
         return self.args.num_layers
+
+    @property
+    def run_state(self) -> dict:
+        """megagrow's run-time record (see run_state()): growth masks, validation curve."""
+        return self.extra.setdefault(RUN_STATE_KEY, run_state({}, self.args))
 
     @property
     def optimizer_states(self) -> tuple[str, ...]:

@@ -16,7 +16,6 @@ Correlations with a constant (or non-finite) input are NaN, silently.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -24,6 +23,9 @@ import warnings
 
 import numpy as np
 from scipy import stats
+
+from megagrow.errors import MegagrowError
+from megagrow.runs.directory import lag_dirs, probe_results
 
 Curves = dict[str, list[tuple[int, float]]]
 
@@ -35,9 +37,7 @@ def load_probe_results(lag_dir: str) -> tuple[Curves, dict[str, float] | None]:
         raise FileNotFoundError(f"no LAG directory {lag_dir}")
     curves: Curves = {}
     finals: dict[str, float | None] = {}
-    for path in sorted(glob.glob(os.path.join(lag_dir, "*", "result.json"))):
-        with open(path) as f:
-            r = json.load(f)
+    for r in probe_results(lag_dir):
         if r.get("status") != "done":
             continue
         curves[r["spec"]] = [(int(it), float(loss)) for it, loss in r["curve"]]
@@ -220,3 +220,18 @@ def analyze(curves: Curves, finals: dict[str, float] | None, out_dir: str,
                     w.add_scalar(f"lag/{name}", float(v), int(t))
         w.close()
     return s
+
+
+def analyze_lag_dir(lag_dir: str) -> dict:
+    """Analyse one LAG's probes; figures, TensorBoard scalars and lag_analysis.json go beside them, in analysis/."""
+    curves, finals = load_probe_results(lag_dir)
+    target = os.path.join(os.path.dirname(os.path.normpath(lag_dir)), "analysis")
+    return analyze(curves, finals, target, tensorboard_dir=os.path.join(target, "tb"))
+
+
+def analyze_run(path: str) -> dict[str, dict]:
+    """Analyse every LAG of a run (or of one stage, or one study)."""
+    found = lag_dirs(path)
+    if not found:
+        raise MegagrowError(f"{path}: no LAG probes here (expected */lag/*/result.json)")
+    return {lag: analyze_lag_dir(lag) for lag in found}

@@ -1,103 +1,92 @@
-"""Job steps inside a SLURM allocation: `srun` on a subset of the allocation's nodes.
+"""Job steps inside a SLURM allocation: `srun` on whole nodes of the allocation.
 
-Each step gets whole nodes of its own (`--nodelist`, `--exclusive`: concurrent steps such as LAG
-probes never share cores or GPUs), one task per rank, and its rendezvous at the first of its nodes
-(the allocation's node list) on a port no other running step of this driver uses. Ranks come from
-SLURM's variables (`slurm_ranks`, called by pretrain_gpt.py): SLURM_PROCID -> RANK, SLURM_NTASKS ->
-WORLD_SIZE, SLURM_LOCALID -> LOCAL_RANK. Killing a step cancels it with `scancel` (killing srun alone
-can leave its tasks behind).
+Each step gets whole nodes of its own (`--relative` picks them by their index in the allocation,
+`--exclusive`: concurrent steps such as LAG probes never share cores or GPUs), one task per rank.
+The ranks find their rendezvous from the step itself (runtime.ranks: the step's first node, a port
+from the job and step ids), so the srun line names no host or port: `megagrow run --launcher slurm
+--dry-run --nodes N` prints, outside an allocation, the lines the driver runs inside one. Killing a
+step cancels it with `scancel` (killing srun alone can leave its tasks behind).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 
-from megagrow.launching.local import ROOT, JobStep
-from megagrow.scheduling.timing import PlanError
-
-_BASE_PORT = 29400
-
-
-def slurm_ranks(env=os.environ) -> None:
-    """torch.distributed's variables from srun's, for ranks srun started directly (no torchrun)."""
-    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
-        return
-    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
+from megagrow.errors import LaunchError
+from megagrow.launching.base import LauncherBase, Resources
+from megagrow.launching.job_step import ROOT, JobStep
+from megagrow.runtime.ranks import hostnames
 
 
 def in_allocation() -> bool:
     return "SLURM_JOB_ID" in os.environ and shutil.which("srun") is not None
 
 
-def hostnames(nodelist: str) -> list[str]:
-    """`scontrol show hostnames`, parsed here (it needs no controller): n[1-3,07],login -> n1 n2 n3 n07 login."""
-    names = []
-    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
-        if not m:
-            names.append(item)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            lo, _, hi = r.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                names.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
-    return names
+def _first_int(value: str | None) -> int | None:
+    """SLURM's per-node counts look like `4(x2)`: the first number."""
+    return int(value.split("(")[0]) if value else None
 
 
-class SlurmLauncher:
-    """Steps on free nodes of the current allocation; `nproc_per_node` ranks per node."""
-    kind = "slurm"
+class SlurmLauncher(LauncherBase):
+    """Steps on free nodes of the allocation (or, for a dry run, of one with `resources.nodes` nodes)."""
+    name = "slurm"
+    applies_here = staticmethod(in_allocation)  # `--launcher auto` picks srun inside an allocation
 
-    def __init__(self, nodes: list[str] | None = None, nproc_per_node: int | None = None, dry_run=None):
-        env = os.environ
-        self.nodes = nodes or hostnames(env["SLURM_JOB_NODELIST"])
-        gpus = env.get("SLURM_GPUS_ON_NODE")
-        self.per_node = nproc_per_node or int(gpus or env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-        self.cpus = int(env.get("SLURM_CPUS_ON_NODE", "0") or 0)
-        self.gpus = int(gpus) if gpus else 0
-        self.busy: set[str] = set()
-        self.ports = itertools.count(_BASE_PORT + int(env.get("SLURM_JOB_ID", "0")) % 500)
+    def __init__(self, resources: Resources | None = None):
+        r, env = resources or Resources(), os.environ
+        inside = in_allocation()
+        if not inside and r.nodes is None:
+            raise LaunchError("--launcher slurm: not inside a SLURM allocation (no SLURM_JOB_ID or no srun); "
+                              "give --nodes N (and --nproc-per-node) to print its commands with --dry-run")
+        self.nodes = r.nodes or len(hostnames(env["SLURM_JOB_NODELIST"]))
+        gpus = r.gpus_per_node if r.gpus_per_node is not None else _first_int(env.get("SLURM_GPUS_ON_NODE"))
+        self.gpus = gpus or 0
+        self.per_node = r.nproc_per_node or gpus or _first_int(env.get("SLURM_NTASKS_PER_NODE")) or 1
+        cpus = r.cpus_per_node if r.cpus_per_node is not None else _first_int(env.get("SLURM_CPUS_ON_NODE"))
+        self.cpus = cpus or 0
+        self.busy: set[int] = set()
         self.serial = itertools.count()  # unique step names: scancel finds a step by its name
-        self.dry_run = dry_run  # a list: commands are recorded there, not run
 
-    def command(self, nproc: int, script_argv: list[str], name: str) -> tuple[list[str], list[str]]:
+    def step_name(self, name: str) -> str:
+        return f"megagrow-{name}-{next(self.serial)}"
+
+    def _count(self, nproc: int, name: str) -> tuple[int, int]:
         per_node = min(self.per_node, nproc)
         if nproc % per_node:
-            raise PlanError(f"{name}: {nproc} processes do not fill nodes of {per_node}")
-        count = nproc // per_node
-        free = [n for n in self.nodes if n not in self.busy]
-        if count > len(free):
-            raise PlanError(f"{name}: needs {count} nodes of {per_node} processes, {len(free)} of the allocation's "
-                            f"{len(self.nodes)} are free")
-        nodes = free[:count]
+            raise LaunchError(f"{name}: {nproc} processes do not fill nodes of {per_node}")
+        return nproc // per_node, per_node
+
+    def reserve(self, nproc: int, name: str) -> range:
+        count, per_node = self._count(nproc, name)
+        for first in range(self.nodes - count + 1):
+            nodes = range(first, first + count)
+            if not self.busy.intersection(nodes):
+                self.busy.update(nodes)
+                return nodes
+        raise LaunchError(f"{name}: needs {count} nodes of {per_node} processes; {self.nodes - len(self.busy)} of "
+                          f"the allocation's {self.nodes} are free")
+
+    def release(self, slot: range) -> None:
+        self.busy.difference_update(slot)
+
+    def command(self, nproc: int, argv: list[str], name: str, slot: range) -> list[str]:
+        count, per_node = self._count(nproc, name)
         cmd = ["srun", f"--job-name={name}", f"--nodes={count}", f"--ntasks={nproc}",
-               f"--ntasks-per-node={per_node}", f"--nodelist={','.join(nodes)}", "--exclusive",
-               "--kill-on-bad-exit=1", "--export=ALL,OMP_NUM_THREADS=1,"
-               f"MASTER_ADDR={nodes[0]},MASTER_PORT={next(self.ports)}"]
+               f"--ntasks-per-node={per_node}", f"--relative={slot.start}", "--exclusive", "--kill-on-bad-exit=1",
+               "--export=ALL,OMP_NUM_THREADS=1"]
         if self.cpus:
             cmd.append(f"--cpus-per-task={max(1, self.cpus // per_node)}")
         if self.gpus:
             cmd.append(f"--gpus-per-node={per_node}")
-        return cmd + [sys.executable, os.path.join(ROOT, script_argv[0]), *script_argv[1:]], nodes
+        return cmd + [sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]]
 
-    def start(self, nproc: int, script_argv: list[str], log_path: str, pid_file: str, on_line=None,
-              name: str = "step"):
-        name = f"megagrow-{name}-{next(self.serial)}"
-        cmd, nodes = self.command(nproc, script_argv, name)
-        if self.dry_run is not None:
-            self.dry_run.append(cmd)
-            return None
-        self.busy.update(nodes)
-        step = JobStep(cmd, log_path, pid_file, on_line, on_exit=lambda: self.busy.difference_update(nodes))
+    def launch(self, cmd: list[str], log_path: str, pid_file: str, on_line, name: str, on_exit) -> JobStep:
+        step = JobStep(cmd, log_path, pid_file, on_line, on_exit=on_exit)
         # Signals go to the step's tasks through slurmctld: a signal to srun itself cancels the step at once.
         step.kill = lambda: (_scancel(name, "KILL"), JobStep.kill(step))
         step.signal = lambda sig: _scancel(name, signal.Signals(sig).name[3:])
@@ -113,11 +102,3 @@ def _scancel(name: str, sig: str) -> None:
         if step_name.strip() == name:
             subprocess.run(["scancel", f"--signal={sig}", step_id], capture_output=True)
 
-
-def make_launcher(kind: str = "auto"):
-    from megagrow.launching.local import LocalLauncher
-    if kind == "slurm" or (kind == "auto" and in_allocation()):
-        if not in_allocation():
-            raise PlanError("--launcher slurm: not inside a SLURM allocation (no SLURM_JOB_ID or no srun)")
-        return SlurmLauncher()
-    return LocalLauncher()

@@ -48,8 +48,8 @@ def _unwrap(model):
 class GrowthMasks:
     """Hooks on one pipeline stage's GPTModel; `set_iteration` before each step, `remove` when open."""
 
-    def __init__(self, model, args):
-        self.record, self.args = args.growth_masks, args
+    def __init__(self, model, args, run_state: dict):
+        self.record, self.args, self.run_state = run_state["growth_masks"], args, run_state
         self.model = _unwrap(model)
         self.handles: list = []
         self.hidden = self.heads = self.units = None
@@ -115,12 +115,13 @@ class GrowthMasks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        self.args.growth_masks = None  # fully open: later checkpoints are plain
+        self.run_state["growth_masks"] = None  # fully open: later checkpoints are plain
 
 
-def install_growth_masks(model, args, iteration: int) -> GrowthMasks | None:
-    """Masks for a model loaded from a masked-growth checkpoint, set for `iteration`; None if there are none."""
-    if not getattr(args, "growth_masks", None):
+def install_growth_masks(model, args, run_state: dict, iteration: int) -> GrowthMasks | None:
+    """Masks for a model loaded from a masked-growth checkpoint (its run state), set for `iteration`; None if
+    there are none."""
+    if not run_state.get("growth_masks"):
         return None
-    masks = GrowthMasks(model, args)
+    masks = GrowthMasks(model, args, run_state)
     return masks if masks.set_iteration(iteration) else None

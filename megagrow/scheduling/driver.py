@@ -1,98 +1,63 @@
 """`megagrow run PLAN`: train each stage as its own distributed job step, grow in between, resume anywhere.
 
-Run directory:
-    plan.yaml                   the plan this run follows (a re-run with another plan is refused)
-    stage<i>_<name>/ckpt/       the stage's checkpoints (Megatron layout); its first is the grown one
-    stage<i>_<name>/metrics.jsonl, tb/, log.txt
-    stage<i>_<name>/decision.json   written once the stage's stop rule fired and its checkpoint is saved
-    baseline/                   the target trained from scratch on the same budget (--baseline)
-    report.md, *.png            (analysis.report)
-A stage with a decision is done and skipped on a re-run; a stage with a checkpoint resumes from its
-latest one; growth output is renamed into place only when complete. So killing the driver or a
-stage at any moment and re-running the same command finishes the same run.
+The run directory's files are runs.directory's. A stage with a decision is done and skipped on a
+re-run; a stage with a checkpoint resumes from its latest one; growth output is renamed into place
+only when complete. So killing the driver or a stage at any moment and re-running the same command
+finishes the same run. `--dry-run` walks the same steps and prints, instead of running them, the
+growth commands and the launcher's commands, exactly as they would run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 
 from megagrow.checkpoint.errors import read_tracker
-from megagrow.lag.probe import LagProbing, lag_k
-from megagrow.launching.local import JobStep, kill_stale
-from megagrow.launching.slurm import make_launcher
+from megagrow.lag.probe import LagProbing, is_lag_selection
+from megagrow.launching import Resources, make_launcher
+from megagrow.launching.job_step import Interrupted, JobStep, kill_stale
+from megagrow.model.shape import WIDTH_FIELDS
+from megagrow.runs.directory import RunDir, StageDir
 from megagrow.scheduling.plan import Plan, Stage, dump_plan, load_plan
-from megagrow.scheduling.timing import PlanError, StopRule
+from megagrow.scheduling.timing import PlanError, StopRule, fit_loss_law
+from megagrow.training.flags import to_argv
 
 _SHOWN = ("iteration", "validation", "stage stop", "loaded checkpoint", "growth masks", "LR schedule", "error",
           "Error", "Traceback")
 _CONTROLLED = ("train_iters", "lr_decay_iters", "save", "load", "metrics_file", "tensorboard_dir")
-
-
-def as_flags(values: dict) -> list[str]:
-    """Megatron-LM flags from a plan's dict: true -> the bare flag, false/None -> left out."""
-    out = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if value is None or value is False:
-            continue
-        if value is True:
-            out.append(flag)
-        elif isinstance(value, (list, tuple)):
-            out += [flag, *map(str, value)]
-        else:
-            out += [flag, str(value)]
-    return out
-
-
-class StageRun:
-    """Where one stage (or the baseline) lives in the run directory."""
-
-    def __init__(self, run_dir: str, name: str):
-        self.dir = os.path.join(run_dir, name)
-        self.name = name
-        self.ckpt = os.path.join(self.dir, "ckpt")
-        self.decision_file = os.path.join(self.dir, "decision.json")
-
-    def decision(self) -> dict | None:
-        if not os.path.exists(self.decision_file):
-            return None
-        with open(self.decision_file) as f:
-            return json.load(f)
-
-
-class Interrupted(Exception):
-    """SIGTERM/SIGUSR1 reached the driver: the running stage saved its checkpoint; re-run to resume."""
+_PLACEHOLDER_LAW = {"a": 1.0, "b": 0.5, "c": 0.0}  # a dry run cannot fit the probe's law
 
 
 class Driver:
-    def __init__(self, plan_path: str, run_dir: str, progress: bool = True, launcher: str = "auto"):
-        self.plan: Plan = load_plan(plan_path)
-        self.launcher = make_launcher(launcher)
-        self.running: set = set()
+    def __init__(self, plan_path: str, run_dir: str, progress: bool = True, launcher: str = "auto",
+                 resources: Resources | None = None):
+        self.plan: Plan = load_plan(plan_path)  # checked whole before anything is written
+        self.launcher = make_launcher(launcher, resources)
+        self.run_dir = RunDir(os.path.abspath(run_dir))  # absolute: printed lines run from anywhere
+        self.running: set[JobStep] = set()
         self.interrupted = False
-        self.run_dir, self.progress = run_dir, progress
-        os.makedirs(run_dir, exist_ok=True)
-        saved = os.path.join(run_dir, "plan.yaml")
-        text = dump_plan(self.plan)
-        if os.path.exists(saved):
-            if dump_plan(load_plan(saved)) != text:
-                raise PlanError(f"{run_dir} holds a run of another plan ({saved}); use a new --output directory")
-        else:
-            with open(saved + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(saved + ".tmp", saved)
-        self.pid_file = os.path.join(run_dir, "step.pgid")
-        kill_stale(self.pid_file)
+        self.progress = progress
         self.total = sum(self.plan.planned_iterations())
+        self.printed: list[str] | None = None  # a dry run's lines; None: really run
+
+    def prepare(self) -> None:
+        """Claim the run directory: the same plan or none; no ranks of an earlier driver still running."""
+        text, saved = dump_plan(self.plan), self.run_dir.read_plan_text()
+        if saved is None:
+            self.run_dir.write_plan_text(text)
+        elif dump_plan(load_plan(self.run_dir.plan_file)) != text:
+            raise PlanError(f"{self.run_dir.root} holds a run of another plan ({self.run_dir.plan_file}); "
+                            "use a new --output directory")
+        kill_stale(self.run_dir.pid_file)
 
     def say(self, message: str) -> None:
-        if self.progress:
+        if self.progress and self.printed is None:
             print(message, flush=True)
 
-    def stages(self) -> list[tuple[Stage, StageRun]]:
-        return [(s, StageRun(self.run_dir, f"stage{i}_{s.name}")) for i, s in enumerate(self.plan.stages)]
+    def stages(self) -> list[tuple[Stage, StageDir]]:
+        return [(s, self.run_dir.stage(i, s.name)) for i, s in enumerate(self.plan.stages)]
 
     def _on_signal(self, signum, frame) -> None:
         """Before a time limit (or on scancel): every running stage saves and exits; so does the driver."""
@@ -102,36 +67,72 @@ class Driver:
             step.signal(signal.SIGTERM)
 
     def run(self, baseline: bool = False) -> dict:
+        self.prepare()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        start, previous = 0, None
-        for i, (stage, where) in enumerate(self.stages()):
-            done = where.decision()
-            if done:
-                self.say(f"[{where.name}] done earlier: stopped at iteration {done['iteration']} ({done['reason']})")
-            else:
-                if previous is not None and read_tracker(where.ckpt) is None:
-                    if lag_k(stage.grow["op"]) is not None:  # choose the operator by LAG, continue from the winner
-                        LagProbing(self, self.plan.stages[i - 1], stage, previous, where, start).run()
-                    else:
-                        self.grow(self.plan.stages[i - 1], stage, previous, where)
-                done = self.train(stage, where, start, self.rule(i, start))
-            start, previous = done["iteration"], where
-        if baseline:
-            target = Stage(name="baseline", parallel=dict(self.plan.stages[-1].parallel))
-            where = StageRun(self.run_dir, "baseline")
-            if not where.decision():
-                self.train(target, where, 0, StopRule(policy="flops", flops=self.plan.budget["flops"]),
-                           decay_iters=int(self.plan.budget["flops"] // self.plan.step_flops()))
+        self._walk(baseline)
         from megagrow.analysis.report import write_report
         return write_report(self.run_dir, self.plan)
 
-    def rule(self, index: int, start: int) -> StopRule:
+    def dry_run(self, baseline: bool = False) -> list[str]:
+        """The shell lines a run from here would execute, in order (comments name the stage)."""
+        self.printed = []
+        self._walk(baseline)
+        return self.printed
+
+    def _walk(self, baseline: bool) -> None:
+        start, previous, overhead = 0, None, 0.0  # overhead: FLOPs of LAG probes not kept, so far
+        planned = self.plan.planned_iterations()
+        for i, (stage, where) in enumerate(self.stages()):
+            done, cost = where.decision(), None
+            if done:
+                self.say(f"[{where.name}] done earlier: stopped at iteration {done['iteration']} ({done['reason']})")
+            else:
+                self._comment(where.name)
+                if previous is not None and read_tracker(where.ckpt) is None:
+                    source = self.plan.stages[i - 1]
+                    if is_lag_selection(stage.grow):  # choose the operator by LAG, continue from the winner
+                        cost = self._select_by_lag(source, stage, previous, where, start)
+                    else:
+                        self.grow(source, stage, previous, where, stage.grow["op"])
+            overhead += cost if cost is not None else (where.lag() or {}).get("overhead_flops", 0.0)
+            if not done:
+                done = self.train(stage, where, start, self.rule(i, start, overhead), loaded=previous is not None)
+                if self.printed is not None:  # a dry run assumes each stage ends where the plan expects
+                    done = {"iteration": start + planned[i]}
+            start, previous = done["iteration"], where
+        if baseline:
+            target, where = Stage(name="baseline", parallel=dict(self.plan.stages[-1].parallel)), self.run_dir.baseline()
+            if not where.decision():
+                self._comment("baseline")
+                self.train(target, where, 0, StopRule(policy="flops", flops=self.plan.budget["flops"]),
+                           decay_iters=int(self.plan.budget["flops"] // self.plan.step_flops()))
+
+    def _comment(self, text: str) -> None:
+        if self.printed is not None:
+            self.printed.append(f"# {text}")
+
+    def _select_by_lag(self, source: Stage, stage: Stage, previous: StageDir, where: StageDir, start: int) -> float:
+        """LAG probes into `stage`; returns the FLOPs of the probes that are not kept."""
+        old, new = self.plan.shape(source).num_layers, self.plan.shape(stage).num_layers
+        flops = self.plan.step_flops(stage)
+        probing = LagProbing(self, source, stage, previous, where, start, old, new, flops,
+                             self.plan.training.get("eval_interval"))
+        if self.printed is None:
+            probing.run()
+            return where.lag()["overhead_flops"]
+        for first in range(0, len(probing.specs), probing.groups):  # `groups` probes at a time, all succeeding
+            slots = [probing.launch(spec) for spec in probing.specs[first:first + probing.groups]]
+            for slot in slots:
+                self.finished(slot)
+        return (len(probing.specs) - 1) * probing.k * flops
+
+    def rule(self, index: int, start: int, lag_overhead: float) -> StopRule:
         stage = self.plan.stages[index]
         extra = {"start": start}
         policy = stage.stop["policy"]
         if policy == "flops":  # the budget pays for LAG's discarded probes too
-            extra["flops"] = self.plan.budget["flops"] - self.lag_overhead(index)
+            extra["flops"] = self.plan.budget["flops"] - lag_overhead
         if policy == "ecr":
             nxt = self.plan.stages[index + 1]
             extra["flops_ratio"] = self.plan.step_flops(stage) / self.plan.step_flops(nxt)
@@ -140,58 +141,53 @@ class Driver:
         return StopRule.from_plan({k: v for k, v in stage.stop.items() if k != "probe_iters"},
                                   self.plan.tokens_per_iteration, **extra)
 
-    def lag_overhead(self, upto: int) -> float:
-        """FLOPs of LAG probes that were not kept, in stages up to `upto`."""
-        total = 0.0
-        for _, where in self.stages()[:upto + 1]:
-            path = os.path.join(where.dir, "lag.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    total += json.load(f)["overhead_flops"]
-        return total
-
     def probe_law(self, stage: Stage, iters: int) -> dict:
         """The next model's loss law, fitted on a short run of it from scratch (paper 002's predicted curve)."""
-        where = StageRun(self.run_dir, f"probe_{stage.name}")
-        law_file = os.path.join(where.dir, "law.json")
-        if not os.path.exists(law_file):
+        where = self.run_dir.law_probe(stage.name)
+        law = where.law()
+        if law is None:
             if not where.decision():
                 self.train(Stage(name=f"probe_{stage.name}", model=stage.model, parallel=stage.parallel), where, 0,
                            StopRule(policy="iters", iteration=iters), eval_interval=max(1, iters // 10))
-            from megagrow.analysis.report import read_metrics
-            from megagrow.scheduling.timing import fit_loss_law
-            valid = read_metrics(os.path.join(where.dir, "metrics.jsonl"))["valid"]
-            law = fit_loss_law([r["iteration"] for r in valid], [r["lm loss"] for r in valid])
-            record = {"a": law.a, "b": law.b, "c": law.c, "probe_flops": valid[-1]["flops"]}
-            with open(law_file + ".tmp", "w") as f:
-                json.dump(record, f)
-            os.replace(law_file + ".tmp", law_file)
-            self.say(f"[{where.name}] loss law of {stage.name}: L(n) = {law.a:.4g} n^-{law.b:.4g} + {law.c:.4g}")
-        with open(law_file) as f:
-            record = json.load(f)
-        return {k: record[k] for k in ("a", "b", "c")}
+            if self.printed is not None:
+                return dict(_PLACEHOLDER_LAW)
+            valid = where.metrics()["valid"]
+            fitted = fit_loss_law([r["iteration"] for r in valid], [r["lm loss"] for r in valid])
+            law = {"a": fitted.a, "b": fitted.b, "c": fitted.c, "probe_flops": valid[-1]["flops"]}
+            where.write_law(law)
+            self.say(f"[{where.name}] loss law of {stage.name}: L(n) = {law['a']:.4g} n^-{law['b']:.4g} + "
+                     f"{law['c']:.4g}")
+        return {k: law[k] for k in ("a", "b", "c")}
 
-    def grow(self, source: Stage, stage: Stage, previous: StageRun, where: StageRun, op: str | None = None) -> None:
-        from megagrow.growth.grow import grow, grow_width
-        old, new = self.plan.model_args(source), self.plan.model_args(stage)
+    def growth_request(self, source: Stage, stage: Stage, previous: StageDir, where: StageDir, spec: str) -> dict:
+        """The arguments of growth.grow for one growth into `stage` (the real call and the dry run's line)."""
+        old, new = self.plan.shape(source), self.plan.shape(stage)
+        sizes = {f: getattr(new, f) for f in ("num_layers", *WIDTH_FIELDS) if getattr(old, f) != getattr(new, f)}
         par = stage.parallel
-        tp, pp = par.get("tensor_model_parallel_size", 1), par.get("pipeline_model_parallel_size", 1)
-        fmt = self.plan.training.get("ckpt_format", "torch_dist")
-        force = os.path.isdir(where.ckpt)  # a growth that was killed: its output never got a tracker
-        os.makedirs(where.dir, exist_ok=True)
-        widths = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-        op = op or stage.grow["op"]
-        self.say(f"[{where.name}] growing {previous.name} ({old.num_layers} layers, hidden {old.hidden_size}) -> "
-                 f"{new.num_layers} layers, hidden {new.hidden_size} with {op}")
-        if any(getattr(old, w) != getattr(new, w) for w in widths):
-            sizes = {w: getattr(new, w) if getattr(old, w) != getattr(new, w) else None for w in widths}
-            grow_width(previous.ckpt, where.ckpt, op, sizes, tp, pp, fmt, force=force, progress=False)
-        else:
-            grow(previous.ckpt, where.ckpt, op, new.num_layers, tp, pp, fmt, force=force, progress=False)
+        return {"load": previous.ckpt, "save": where.ckpt, "spec": spec, "sizes": sizes,
+                "tp": par.get("tensor_model_parallel_size", 1), "pp": par.get("pipeline_model_parallel_size", 1),
+                "fmt": self.plan.training.get("ckpt_format", "torch_dist")}
 
-    def stage_argv(self, stage: Stage, where: StageRun, start: int, rule: StopRule,
-                   decay_iters: int | None, eval_interval: int | None = None) -> list[str]:
-        plan, a = self.plan, self.plan.model_args(stage)
+    def grow(self, source: Stage, stage: Stage, previous: StageDir, where: StageDir, spec: str) -> None:
+        r = self.growth_request(source, stage, previous, where, spec)
+        if self.printed is not None:
+            sizes = [x for k, v in r["sizes"].items() for x in (f"--{k.replace('_', '-')}", str(v))]
+            self.printed.append(shlex.join(["megagrow", "checkpoint", "grow", "--load", r["load"], "--save", r["save"],
+                                            "--op", spec, *sizes, "--target-tp", str(r["tp"]), "--target-pp",
+                                            str(r["pp"]), "--ckpt-format", r["fmt"], "--force", "--quiet"]))
+            return
+        from megagrow.growth.grow import grow
+        where.make()
+        old, new = self.plan.shape(source), self.plan.shape(stage)
+        self.say(f"[{where.name}] growing {previous.name} ({old.num_layers} layers, hidden {old.hidden_size}) -> "
+                 f"{new.num_layers} layers, hidden {new.hidden_size} with {spec}")
+        # force: a growth that was killed left its output without a tracker
+        grow(r["load"], r["save"], spec, r["sizes"], r["tp"], r["pp"], r["fmt"], force=True, progress=False)
+
+    def stage_argv(self, stage: Stage, where: StageDir, start: int, rule: StopRule, decay_iters: int | None,
+                   eval_interval: int | None = None, loaded: bool = False) -> list[str]:
+        """The trainer's command line for one stage; `loaded`: it starts from a checkpoint in `where.ckpt`."""
+        plan, shape = self.plan, self.plan.shape(stage)
         par = {k: v for k, v in stage.parallel.items() if k != "nproc"}
         training = {k: v for k, v in plan.training.items() if k not in _CONTROLLED}
         if eval_interval:
@@ -204,41 +200,57 @@ class Driver:
                                                         training.get("lr_warmup_iters", 0))}
             if lr == "constant":
                 schedule["lr_decay_style"] = "constant"
-        argv = ["pretrain_gpt.py", "--exit-signal-handler", *as_flags({**plan.target, **stage.model, "kv_channels": a.kv_channels}),
-                *as_flags({**training, **schedule}), *as_flags(plan.data), *as_flags(par),
+        argv = ["pretrain_gpt.py", "--exit-signal-handler",
+                *to_argv({**plan.target, **stage.model, "kv_channels": shape.kv_channels}),
+                *to_argv({**training, **schedule}), *to_argv(plan.data), *to_argv(par),
                 "--train-iters", str(plan.max_iterations()), "--save", where.ckpt,
-                "--metrics-file", os.path.join(where.dir, "metrics.jsonl"),
-                "--tensorboard-dir", os.path.join(where.dir, "tb"),
-                "--stage-stop", json.dumps(vars(rule)), "--stage-decision-file", where.decision_file]
-        loaded = read_tracker(where.ckpt)
-        if loaded is not None:
+                "--metrics-file", where.metrics_file, "--tensorboard-dir", where.tensorboard_dir,
+                "--stage-stop", json.dumps(rule.as_dict()), "--stage-decision-file", where.decision_file]
+        resumed = read_tracker(where.ckpt)
+        if loaded or resumed is not None:
             argv += ["--load", where.ckpt]
-        lag = os.path.join(where.dir, "lag.json")
-        if loaded is not None and os.path.exists(lag):
-            with open(lag) as f:
-                record = json.load(f)
-            if loaded == record["start"] + record["k"]:
-                argv.append("--eval-on-start")  # evidence that the stage goes on from the winner's state
+        lag = where.lag()
+        if is_lag_selection(stage.grow) and (lag is None or resumed == lag["start"] + lag["k"]):
+            argv.append("--eval-on-start")  # evidence that the stage goes on from the winner's state
         return argv
 
-    def launch(self, stage: Stage, where: StageRun, start: int, rule: StopRule, decay_iters: int | None,
-               eval_interval: int | None, pid_file: str) -> JobStep:
+    def start(self, stage: Stage, where: StageDir, start: int, rule: StopRule, eval_interval: int | None,
+              pid_file: str, decay_iters: int | None = None, loaded: bool = True):
+        """Launch one stage's (or probe's) job step; in a dry run, print it and return its reservation."""
+        argv = self.stage_argv(stage, where, start, rule, decay_iters, eval_interval, loaded)
+        nproc = stage.parallel.get("nproc", 1)
+        if self.printed is not None:
+            name = self.launcher.step_name(where.name)
+            slot = self.launcher.reserve(nproc, name)
+            self.printed.append(shlex.join(self.launcher.command(nproc, argv, name, slot)))
+            return slot
+
         def show(line: str) -> None:
             if self.progress and any(key in line for key in _SHOWN):
                 print(f"[{where.name}] {line.strip()}", flush=True)
-        step = self.launcher.start(stage.parallel.get("nproc", 1),
-                                   self.stage_argv(stage, where, start, rule, decay_iters, eval_interval),
-                                   os.path.join(where.dir, "log.txt"), pid_file, on_line=show, name=where.name)
+        where.make()
+        step = self.launcher.start(nproc, argv, where.log, pid_file, on_line=show, name=where.name)
         self.running.add(step)
         return step
 
-    def train(self, stage: Stage, where: StageRun, start: int, rule: StopRule, decay_iters: int | None = None,
-              eval_interval: int | None = None) -> dict:
-        os.makedirs(where.dir, exist_ok=True)
+    def finished(self, step) -> None:
+        if self.printed is not None:
+            self.launcher.release(step)
+            return
+        self.running.discard(step)
+        if self.interrupted:
+            raise Interrupted("the running steps stopped on a signal; run the same command again to resume")
+
+    def train(self, stage: Stage, where: StageDir, start: int, rule: StopRule, decay_iters: int | None = None,
+              eval_interval: int | None = None, loaded: bool = False) -> dict:
+        if self.printed is not None:
+            self.finished(self.start(stage, where, start, rule, eval_interval, self.run_dir.pid_file, decay_iters,
+                                     loaded))
+            return {"iteration": rule.iteration}
         resumed = read_tracker(where.ckpt)
-        self.say(f"[{where.name}] training {self.plan.model_args(stage).num_layers} layers from iteration "
+        self.say(f"[{where.name}] training {self.plan.shape(stage).num_layers} layers from iteration "
                  f"{resumed or start} until {rule.policy}" + (f" (resuming {where.ckpt})" if resumed else ""))
-        step = self.launch(stage, where, start, rule, decay_iters, eval_interval, self.pid_file)
+        step = self.start(stage, where, start, rule, eval_interval, self.run_dir.pid_file, decay_iters, loaded)
         try:
             rc = step.wait()
             while rc is None:  # wait() returns None only on a timeout; keep signals deliverable meanwhile
@@ -253,47 +265,21 @@ class Driver:
             raise Interrupted(f"stage {where.name} saved its checkpoint and stopped on a signal; run the same "
                               "command again (or requeue the job) to resume")
         if rc != 0 or decision is None:
-            raise PlanError(f"stage {where.name} failed (exit code {rc}); see {os.path.join(where.dir, 'log.txt')}")
+            raise PlanError(f"stage {where.name} failed (exit code {rc}); see {where.log}")
         self.say(f"[{where.name}] stopped at iteration {decision['iteration']}: {decision['reason']}")
         return decision
 
 
 def run(plan_path: str, run_dir: str | None = None, baseline: bool = False, progress: bool = True,
-        launcher: str = "auto") -> dict:
-    if run_dir is None:
-        run_dir = os.path.splitext(plan_path)[0] + "_run"
-    return Driver(plan_path, run_dir, progress, launcher).run(baseline)
+        launcher: str = "auto", resources: Resources | None = None) -> dict:
+    return Driver(plan_path, default_run_dir(plan_path, run_dir), progress, launcher, resources).run(baseline)
 
 
-def dry_run(plan_path: str, launcher: str = "auto") -> list[tuple[str, list[str]]]:
-    """Each stage's launch command (LAG stages: one per concurrent probe), as the launcher would run it."""
-    import tempfile
-    from dataclasses import replace
-    out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        driver = Driver(plan_path, tmp, progress=False, launcher=launcher)
-        start = 0
-        for i, (stage, where) in enumerate(driver.stages()):
-            stop = dict(stage.stop)
-            if stop["policy"] == "ecr":
-                stop.setdefault("law", {"a": 1.0, "b": 0.5, "c": 0.0})  # a probe would fit it
-            stage_rule = StopRule.from_plan({k: v for k, v in stop.items() if k != "probe_iters"},
-                                            driver.plan.tokens_per_iteration, start=start,
-                                            flops=driver.plan.budget["flops"], flops_ratio=1.0)
-            probes = stage.grow.get("groups", 1) if stage.grow and lag_k(stage.grow["op"]) else 1
-            if probes > 1 or (stage.grow and lag_k(stage.grow["op"])):
-                stage = replace(stage, parallel=stage.grow.get("parallel") or stage.parallel)
-            argv = driver.stage_argv(stage, where, start, stage_rule, None)
-            nproc = stage.parallel.get("nproc", 1)
-            if driver.launcher.kind == "slurm":
-                taken = set()
-                for p in range(probes):
-                    cmd, nodes = driver.launcher.command(nproc, argv, f"{where.name}-{p}")
-                    driver.launcher.busy.update(nodes)
-                    taken.update(nodes)
-                    out.append((where.name if probes == 1 else f"{where.name} probe {p}", cmd))
-                driver.launcher.busy.difference_update(taken)
-            else:
-                out.append((where.name, ["torchrun", "--nproc-per-node", str(nproc), *argv]))
-            start += driver.plan.planned_iterations()[i]
-    return out
+def dry_run(plan_path: str, run_dir: str | None = None, launcher: str = "auto", resources: Resources | None = None,
+            baseline: bool = False) -> list[str]:
+    """The lines `megagrow run` would execute (growth and launch commands), nothing written."""
+    return Driver(plan_path, default_run_dir(plan_path, run_dir), False, launcher, resources).dry_run(baseline)
+
+
+def default_run_dir(plan_path: str, run_dir: str | None) -> str:
+    return run_dir or os.path.splitext(plan_path)[0] + "_run"

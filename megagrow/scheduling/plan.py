@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from megagrow.scheduling.timing import PlanError, StopRule, gstack_small_tokens
+from megagrow.scheduling.schema import check_plan, normalized_grow
+from megagrow.scheduling.timing import PlanError, gstack_small_tokens
 from megagrow.model.shape import ModelShape
 
-LR_SCHEDULES = ("continue", "rewarm", "constant")
 
 
 @dataclass
@@ -37,6 +37,9 @@ class Stage:
     stop: dict = field(default_factory=lambda: {"policy": "flops"})
     lr: dict = field(default_factory=lambda: {"schedule": "continue"})
     parallel: dict = field(default_factory=lambda: {"nproc": 1})
+
+    def __post_init__(self):
+        self.grow = normalized_grow(self.grow)
 
 
 @dataclass
@@ -84,26 +87,8 @@ class Plan:
         return out
 
     def check(self) -> None:
-        if not self.stages:
-            raise PlanError("the plan has no stages")
-        for key in ("global_batch_size", "seq_length", "micro_batch_size", "lr"):
-            if key not in self.training:
-                raise PlanError(f"training.{key} is missing")
-        for i, stage in enumerate(self.stages):
-            if i and not stage.grow:
-                raise PlanError(f"stage {stage.name}: every stage after the first needs `grow: {{op: ...}}`")
-            if stage.lr.get("schedule", "continue") not in LR_SCHEDULES:
-                raise PlanError(f"stage {stage.name}: lr.schedule must be one of {', '.join(LR_SCHEDULES)}")
-            policy = stage.stop.get("policy")
-            if policy == "ecr" and "law" not in stage.stop and i == len(self.stages) - 1:
-                raise PlanError(f"stage {stage.name}: ecr needs a next stage to compare with")
-            StopRule.from_plan({k: v for k, v in stage.stop.items() if k != "probe_iters"},
-                               **({"flops": self.budget["flops"]} if policy == "flops" else {}),
-                               **({"flops_ratio": 1.0, "law": stage.stop.get("law", {"a": 1, "b": 1, "c": 0})}
-                                  if policy == "ecr" else {}),
-                               **({"iteration": 0} if policy == "tokens" else {}))
-        if self.stages[-1].stop["policy"] != "flops":
-            raise PlanError("the last stage must stop on the budget (stop: {policy: flops})")
+        """The schema's checks (scheduling.schema), and that the last stage is the target."""
+        check_plan(yaml.safe_load(dump_plan(self)))
         last = self.model_args(self.stages[-1])
         for key, value in self.target.items():
             if getattr(last, key, value) != value:
@@ -118,6 +103,7 @@ def load_plan(path: str) -> Plan:
         raise PlanError(f"cannot read the plan {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise PlanError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    check_plan(raw)
     try:
         raw["stages"] = [Stage(**s) for s in raw["stages"]]
         plan = Plan(**raw)
@@ -173,7 +159,7 @@ def make_plan(target: dict, vocab_size: int, training: dict, data: dict, *, flop
             stage.grow = {"op": f"stack:g={depth // prev}" if op == "stack" and depth % prev == 0 else "lag:last"}
             if lag_k:  # choose the operator by LAG@k: the duplication design space, or stack vs interpolate
                 fits = depth - prev <= prev
-                stage.grow = {"op": f"lag:k={lag_k}", "space": "dup" if fits else False, "groups": lag_groups,
+                stage.grow = {"select": "lag", "k": lag_k, "space": "dup" if fits else False, "groups": lag_groups,
                               "candidates": [] if fits else [stage.grow["op"], f"interpolate:g={depth // prev}"]
                               if depth % prev == 0 else ["lag:last"]}
             stage.lr = {"schedule": "continue"}
@@ -212,7 +198,9 @@ def describe(plan: Plan) -> str:
             f"{'FLOPs':>10} {'share':>6}  stop / grow"]
     for stage, iters in zip(plan.stages, plan.planned_iterations()):
         a, f = plan.model_args(stage), plan.step_flops(stage)
-        how = stage.stop["policy"] + (f" <- {stage.grow['op']}" if stage.grow else "")
+        grow = stage.grow or {}
+        how = stage.stop["policy"] + (f" <- LAG@{grow['k']}" if "select" in grow else
+                                      f" <- {grow['op']}" if grow else "")
         rows.append(f"{stage.name:<14} {a.num_layers:>6} {plan.parameters(stage) / 1e6:>9.2f}M {f:>11.4g} "
                     f"{iters:>8} {iters * plan.tokens_per_iteration:>10.4g} {iters * f:>10.4g} "
                     f"{iters * f / plan.budget['flops']:>6.1%}  {how}")

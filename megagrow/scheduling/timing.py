@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-POLICIES = ("iters", "tokens", "formula", "flops", "converge", "ecr")
+from megagrow.errors import MegagrowError
+from megagrow.registry import Registry
 
 
-class PlanError(ValueError):
+
+class PlanError(MegagrowError):
     """A plan or policy that cannot work; printed as one line."""
 
 
@@ -83,6 +85,57 @@ class Decision:
     evidence: dict = field(default_factory=dict)
 
 
+class StopPolicy:
+    """One stop rule: the StopRule fields it needs, and its decisions (None/no stop by default).
+    A new rule is a subclass here and one STOP_RULES.register line."""
+    needs: tuple[str, ...] = ()
+
+    def after_step(self, rule: "StopRule", iteration: int, flops_so_far: float, next_step_flops: float):
+        return None
+
+    def after_evaluation(self, rule: "StopRule", points: list[tuple[int, float]]) -> Decision:
+        return Decision(False, "")
+
+
+class FixedEnd(StopPolicy):
+    needs = ("iteration",)
+
+    def after_step(self, rule, iteration, flops_so_far, next_step_flops):
+        if iteration >= rule.iteration:
+            return Decision(True, f"{rule.policy}: reached iteration {rule.iteration}", {"iteration": iteration})
+
+
+class Budget(StopPolicy):
+    needs = ("flops",)
+
+    def after_step(self, rule, iteration, flops_so_far, next_step_flops):
+        if flops_so_far + next_step_flops > rule.flops:
+            return Decision(True, f"flops: the next iteration would pass the budget of {rule.flops:.4g}",
+                            {"flops": flops_so_far, "budget": rule.flops})
+
+
+class Converge(StopPolicy):
+    def after_evaluation(self, rule, points):
+        return converge(points, rule.threshold, rule.window, rule.patience)
+
+
+class EffectConversion(StopPolicy):
+    needs = ("law", "flops_ratio")
+
+    def after_evaluation(self, rule, points):
+        return effect_conversion(points, LossLaw(**rule.law), rule.flops_ratio, rule.window)
+
+
+STOP_RULES: Registry[StopPolicy] = Registry("growth-timing policy", PlanError)
+for _name in ("iters", "tokens", "formula"):  # a fixed end iteration, decided when the plan is made
+    STOP_RULES.register(_name, FixedEnd())
+STOP_RULES.register("flops", Budget())
+STOP_RULES.register("converge", Converge())
+STOP_RULES.register("ecr", EffectConversion())
+_MISSING = {"iteration": "the end iteration is missing", "flops": "the budget is missing",
+            "law": "needs the large model's loss law {a, b, c} and flops_ratio F_s/F_t"}
+
+
 @dataclass
 class StopRule:
     """A stage's exit rule as the trainer applies it; `start` is the iteration the stage began at."""
@@ -96,16 +149,14 @@ class StopRule:
     law: dict | None = None           # ecr: {a, b, c} of the large model's loss law
     flops_ratio: float | None = None  # ecr: F_s / F_t
     max_iteration: int | None = None  # converge/ecr: leave here at the latest
+    options: dict = field(default_factory=dict)  # a registered rule's own settings
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise PlanError(f"unknown growth-timing policy {self.policy!r} (one of {', '.join(POLICIES)})")
-        if self.policy in ("iters", "tokens", "formula") and self.iteration is None:
-            raise PlanError(f"policy {self.policy}: the end iteration is missing")
-        if self.policy == "flops" and not self.flops:
-            raise PlanError("policy flops: the budget is missing")
-        if self.policy == "ecr" and (self.law is None or not self.flops_ratio):
-            raise PlanError("policy ecr: needs the large model's loss law {a, b, c} and flops_ratio F_s/F_t")
+        rule = STOP_RULES.get(self.policy)
+        for name in rule.needs:
+            value = getattr(self, name)
+            if value is None or (name != "iteration" and not value):  # iteration 0 is an end; a budget 0 is not
+                raise PlanError(f"policy {self.policy}: {_MISSING.get(name, name + ' is missing')}")
 
     @classmethod
     def from_plan(cls, stop: dict, tokens_per_iteration: int | None = None, **fields) -> "StopRule":
@@ -116,13 +167,15 @@ class StopRule:
             values["iteration"] = values.get("start", 0) + math.ceil(stop["tokens"] / tokens_per_iteration)
         return cls(**values)
 
+    def as_dict(self) -> dict:
+        """The rule as the trainer's --stage-stop JSON."""
+        return dict(vars(self))
+
     def after_step(self, iteration: int, flops_so_far: float, next_step_flops: float) -> Decision:
         """Rules that need no evaluation: checked after every iteration."""
-        if self.policy in ("iters", "tokens", "formula") and iteration >= self.iteration:
-            return Decision(True, f"{self.policy}: reached iteration {self.iteration}", {"iteration": iteration})
-        if self.policy == "flops" and flops_so_far + next_step_flops > self.flops:
-            return Decision(True, f"flops: the next iteration would pass the budget of {self.flops:.4g}",
-                            {"flops": flops_so_far, "budget": self.flops})
+        decision = STOP_RULES.get(self.policy).after_step(self, iteration, flops_so_far, next_step_flops)
+        if decision is not None:
+            return decision
         if self.max_iteration is not None and iteration >= self.max_iteration:
             return Decision(True, f"{self.policy}: reached the stage's last iteration {self.max_iteration}",
                             {"iteration": iteration})
@@ -131,11 +184,7 @@ class StopRule:
     def after_evaluation(self, curve: list) -> Decision:
         """Curve-based rules, given every (iteration, validation loss, ...) of the run so far."""
         points = [(p[0], p[1]) for p in curve if p[0] > self.start]
-        if self.policy == "converge":
-            return converge(points, self.threshold, self.window, self.patience)
-        if self.policy == "ecr":
-            return effect_conversion(points, LossLaw(**self.law), self.flops_ratio, self.window)
-        return Decision(False, "")
+        return STOP_RULES.get(self.policy).after_evaluation(self, points)
 
 
 def converge(points: list[tuple[int, float]], threshold: float, window: int, patience: int) -> Decision:

@@ -11,10 +11,11 @@ import argparse
 import os
 
 from megagrow.data.tokenizer import TOKENIZER_TYPES
+from megagrow.errors import MegagrowError
 from megagrow.model.shape import default_ffn_hidden_size
 
 
-class ArgumentError(ValueError):
+class ArgumentError(MegagrowError):
     """A user-facing configuration problem; printed as one line, exit code 1."""
 
 
@@ -65,6 +66,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
                    default="linear")
     g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine", "minus_sqrt"],
+                   default="exponential", help="WSD: the shape of the final decay")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD: iterations of the final decay")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="WSD: samples of the final decay")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this many iterations (for tests and requeue)")
@@ -171,6 +176,9 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
              f"--num-query-groups {args.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    _require(args.lr_decay_style != "WSD" or args.lr_wsd_decay_iters is not None
+             or args.lr_wsd_decay_samples is not None,
+             "--lr-decay-style WSD needs --lr-wsd-decay-iters or --lr-wsd-decay-samples (its final decay)")
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
     _require(args.ffn_hidden_size % tp == 0,

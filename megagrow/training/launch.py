@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg == "--growth-plan" or arg.startswith("--growth-plan=") for arg in argv):
         return _run_plan(argv)
-    from megagrow.launching.slurm import slurm_ranks
-    slurm_ranks()  # ranks started by srun directly
+    from megagrow.runtime.ranks import discover_ranks
+    discover_ranks()  # ranks started by srun directly
     try:
         args = parse_args(argv)
     except (ArgumentError, CheckpointError) as e:

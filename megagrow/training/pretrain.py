@@ -21,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megagrow.checkpoint.trainer import load_checkpoint, save_checkpoint
+from megagrow.checkpoint.view import run_state as read_run_state
 from megagrow.data.loader import build_datasets, microbatches
 from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_impl
 from megagrow.model.growth_masks import install_growth_masks
@@ -56,6 +57,7 @@ class TrainState:
     consumed_train_samples: int = 0
     skipped_iterations: int = 0
     masks: object = None  # growth masks (MSG/PDG) while new width is opening
+    run_state: dict = None  # what is not a flag but is saved: checkpoint.view.run_state
 
 
 def _scheduler(args, optimizer) -> OptimizerParamScheduler:
@@ -64,7 +66,10 @@ def _scheduler(args, optimizer) -> OptimizerParamScheduler:
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant")
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        wsd_decay_steps=(args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters is not None
+                         else args.lr_wsd_decay_samples),
+        lr_wsd_decay_style=args.lr_wsd_decay_style)
 
 
 def build_tokenizer(args):
@@ -100,18 +105,19 @@ def setup(args) -> TrainState:
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
 
-    state = TrainState(args, [model], optimizer, scheduler, datasets=())
+    state = TrainState(args, [model], optimizer, scheduler, datasets=(), run_state=read_run_state({}, args))
     args.num_floating_point_operations_so_far = 0  # the checkpoint's count when there is one
     if args.load:
-        state.iteration, state.consumed_train_samples = load_checkpoint(args.load, model, optimizer, scheduler, args)
+        state.iteration, state.consumed_train_samples, state.run_state = load_checkpoint(
+            args.load, model, optimizer, scheduler, args)
         if state.iteration:
             print_rank_0(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
         if args.restart_lr_schedule_at is not None and state.iteration == args.restart_lr_schedule_at:
             state.scheduler = _scheduler(args, optimizer)  # a new stage re-warms: this run's LR flags, from step 0
             print_rank_0(f" LR schedule restarted at iteration {state.iteration}")
-        state.masks = install_growth_masks(model, args, state.iteration)
+        state.masks = install_growth_masks(model, args, state.run_state, state.iteration)
         if state.masks:
-            r = args.growth_masks
+            r = state.run_state["growth_masks"]
             print_rank_0(f" growth masks ({r['kind']}): new width opens over iterations {r['begin']}..{r['end']}")
     state.datasets = build_datasets(args, tokenizer)
     return state
@@ -176,7 +182,7 @@ def _save(state: TrainState) -> None:
     state.args.consumed_train_samples = state.consumed_train_samples
     t0 = time.time()
     path = save_checkpoint(state.args.save, state.iteration, state.model[0], state.optimizer, state.scheduler,
-                           state.args)
+                           state.args, state.run_state)
     print_rank_0(f" saved checkpoint {path} in {time.time() - t0:.2f} s")
 
 
@@ -247,13 +253,13 @@ def pretrain(args) -> TrainState:
                  f"({args.num_microbatches} microbatches x {args.micro_batch_size} x DP {args.data_parallel_size}), "
                  f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size}")
     rule = StopRule(**json.loads(args.stage_stop)) if args.stage_stop else None  # kept out of args: they are saved
-    args.validation_curve = list(getattr(args, "validation_curve", []))
+    curve = state.run_state["validation_curve"]
     step_flops = num_floating_point_operations(args, args.global_batch_size)
 
     def validate(where: str) -> None:
         loss = evaluate(state)
         log.validation(state.iteration, loss, where)
-        args.validation_curve.append((state.iteration, loss, args.num_floating_point_operations_so_far))
+        curve.append((state.iteration, loss, args.num_floating_point_operations_so_far))
 
     if args.eval_on_start:
         validate(f"at the start (iteration {state.iteration})")
@@ -264,14 +270,14 @@ def pretrain(args) -> TrainState:
             if rule else None
         if decision and decision.stop:  # also right after loading a stage's last checkpoint
             decision.evidence = {**seen, **decision.evidence}
-            if not args.validation_curve or args.validation_curve[-1][0] != state.iteration:
+            if not curve or curve[-1][0] != state.iteration:
                 validate(f"at the end of the stage (iteration {state.iteration})")
             break
         train_iteration(state, train_iter, log)
         it = state.iteration
         if args.eval_interval and it % args.eval_interval == 0 and it < args.train_iters:
             validate(f"at iteration {it}")
-            decision = rule.after_evaluation(args.validation_curve) if rule else None
+            decision = rule.after_evaluation(curve) if rule else None
             seen = decision.evidence if decision else seen
             if decision and decision.stop:
                 break
