@@ -8,8 +8,15 @@ import torch
 from conftest import tiny_args, torchrun
 from test_checkpoint import logits, megagrow
 
-from megagrow.growth.depth import GrowthError, connection_rate, describe
-from megagrow.growth.operators import depth_plan
+from megagrow.growth.depth import GrowthError, NewLayer, connection_rate, describe
+from megagrow.growth.registry import plan_growth
+from megagrow.model.shape import ModelShape
+
+
+def depth_plan(spec: str, old: int, new: int | None) -> list[NewLayer]:
+    """The layer plan of `spec` for old -> new layers (None: the spec fixes the depth), through the registry."""
+    shape = ModelShape(num_layers=old, hidden_size=64, num_attention_heads=8)
+    return plan_growth(spec, shape, shape.with_sizes(num_layers=new)).layers
 
 LLAMA6 = {"--num-layers": "6", "--num-attention-heads": "8", "--num-query-groups": "4", "--train-iters": "10",
           "--exit-interval": "3", "--tensor-model-parallel-size": "2", "--pipeline-model-parallel-size": "2"}
@@ -237,8 +244,8 @@ def test_masked_and_upper_layer_width_growth(data_dir, small, tmp_path):
         reference = logits(small / family, 4, tmp_path)
         assert (logits(out, 2, tmp_path) - reference).abs().max().item() <= 1e-5, op
     grown = open_checkpoint(str(tmp_path / "llama_pdg"))
-    assert grown.args.growth_masks == {"kind": "pdg", "begin": 3, "end": 7, "hidden_size": 64,
-                                       "ffn_hidden_size": 192, "num_attention_heads": 8}
+    assert grown.run_state["growth_masks"] == {"kind": "pdg", "begin": 3, "end": 7, "hidden_size": 64,
+                                                "ffn_hidden_size": 192, "num_attention_heads": 8}
     res = megagrow("checkpoint", "grow", "--load", str(tmp_path / "llama_pdg"), "--save", str(tmp_path / "again"),
                    "--op", "stack:g=2", check=False)
     assert res.returncode == 1 and "still opening" in res.stderr
@@ -271,7 +278,7 @@ def test_masked_and_upper_layer_width_growth(data_dir, small, tmp_path):
     assert "growth masks (pdg)" in run.output and "fully open at iteration 7" in run.output
     losses = run.losses()
     assert sorted(losses) == list(range(4, 11)) and losses[10] < losses[4]
-    assert open_checkpoint(str(tmp_path / "llama_pdg")).args.growth_masks is None
+    assert open_checkpoint(str(tmp_path / "llama_pdg")).run_state["growth_masks"] is None
 
 
 def test_learn_refuses_bad_input_in_one_line(small, tmp_path, capsys):
@@ -304,7 +311,6 @@ def test_learned_growth_fits_its_maps_and_trains_on(data_dir, small, tmp_path):
     import json
     from megagrow.checkpoint.io import open_checkpoint
     from megagrow.growth.learn import LearnedGrowth
-    from megagrow.growth.width import WidthPlan
     src = open_checkpoint(str(small / "llama"))
     old = [src.read_layer(j) for j in range(6)]
 
@@ -313,7 +319,8 @@ def test_learned_growth_fits_its_maps_and_trains_on(data_dir, small, tmp_path):
     _grow(small / "llama", fpi, "fpi", *WIDE, "--target-tp", "1", "--target-pp", "1")
     fpi_view = open_checkpoint(str(fpi))
     names = list(old[0]["model"])
-    initial = LearnedGrowth(names, [], 6, None, WidthPlan(src.args, fpi_view.args, "learn:steps=1"))
+    start = plan_growth("learn:steps=1", ModelShape.from_args(src.args), ModelShape.from_args(fpi_view.args)).start
+    initial = LearnedGrowth(names, [], 6, None, start)
     want = fpi_view.read_layer(2)
     for state, power in (("model", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
         for name in names:
@@ -364,3 +371,85 @@ def test_learned_growth_fits_its_maps_and_trains_on(data_dir, small, tmp_path):
     assert run.returncode == 0, run.output
     losses = run.losses()
     assert sorted(losses) == [4, 5, 6] and losses[6] < losses[4]
+
+
+LLAMA2 = ModelShape(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, group_query_attention=True,
+                    swiglu=True, normalization="RMSNorm", untie_embeddings_and_output_weights=True)
+GPT2_2 = ModelShape(num_layers=2, hidden_size=64, num_attention_heads=4)  # LayerNorm, tied embeddings
+
+
+def test_check_growth_needs_no_checkpoint():
+    from megagrow.growth.registry import check_growth
+    wide = LLAMA2.with_sizes(hidden_size=128, ffn_hidden_size=384, num_attention_heads=16, num_query_groups=8)
+    for spec, new in [("stack:g=3", LLAMA2.with_sizes(num_layers=6)), ("stack", LLAMA2.with_sizes(num_layers=6)),
+                      ("partial:12-2", LLAMA2.with_sizes(num_layers=3)), ("lag:last", LLAMA2.with_sizes(num_layers=3)),
+                      ("zero", LLAMA2.with_sizes(num_layers=3)), ("learn:steps=5", LLAMA2.with_sizes(num_layers=4)),
+                      ("fpi", wide), ("zero", wide), ("msg:steps=4", wide), ("learn:steps=5,lr=0.01", wide),
+                      ("aki", LLAMA2.with_sizes(ffn_hidden_size=256))]:
+        check_growth(spec, LLAMA2, new)
+    for spec, old, new, needle in [
+        ("stack:g=4", LLAMA2, LLAMA2.with_sizes(num_layers=6), "makes 8 layers, not --num-layers 6"),
+        ("stack:g=2", LLAMA2, LLAMA2, "makes num layers 4, not 2"),
+        ("bogus", LLAMA2, LLAMA2.with_sizes(num_layers=4), "unknown operator 'bogus'"),
+        ("bogus", LLAMA2, wide, "unknown width operator"),
+        ("stack:g=x", LLAMA2, LLAMA2.with_sizes(num_layers=4), "g='x' is not an integer"),
+        ("stack:h=2", LLAMA2, LLAMA2.with_sizes(num_layers=4), "unknown parameter h"),
+        ("redundant:x", LLAMA2, LLAMA2.with_sizes(num_layers=3), "unknown parameter x"),
+        ("fpi", LLAMA2, LLAMA2.with_sizes(num_layers=4), "fpi grows width, not depth"),
+        ("stack:g=2", LLAMA2, wide, "stack grows depth, not width"),
+        ("stack:g=2", LLAMA2, wide.with_sizes(num_layers=4), "two steps"),
+        ("partial:1", LLAMA2, LLAMA2, "cannot shrink or keep depth"),
+        ("lag:p=3,b=1", LLAMA2, LLAMA2.with_sizes(num_layers=3), "p=3 is out of range"),
+        ("fpi", LLAMA2, LLAMA2.with_sizes(hidden_size=96), "not a whole multiple of 64"),
+        ("fpi", GPT2_2, GPT2_2.with_sizes(hidden_size=128), "tied embeddings"),
+        ("zero", GPT2_2, GPT2_2.with_sizes(hidden_size=128), "needs RMSNorm"),
+        ("zero", LLAMA2, LLAMA2.with_sizes(hidden_size=32), "cannot shrink"),
+        ("direct", LLAMA2, LLAMA2.with_sizes(num_attention_heads=12), "must keep 2 heads per query group"),
+        ("msg", LLAMA2, wide, "give the iterations"),
+        ("learn", LLAMA2, wide, "give the number of fitting steps"),
+        ("learn:steps=5,g=2", LLAMA2, LLAMA2.with_sizes(num_layers=4), "unknown parameter g"),
+    ]:
+        with pytest.raises(GrowthError, match=needle) as raised:
+            check_growth(spec, old, new)
+        assert "\n" not in str(raised.value), spec
+
+
+def test_an_operator_registered_in_a_test_grows_a_checkpoint(small, tmp_path, capsys):
+    """A toy depth operator: its class and one registration line; the CLI grows with it and lists it."""
+    from megagrow.checkpoint.io import open_checkpoint
+    from megagrow.cli import main
+    from megagrow.growth.depth import DepthOperator
+    from megagrow.growth.registry import OPERATORS
+
+    class Mirror(DepthOperator):
+        name, preserves_function = "toy", False
+        summary = "the layers, then again in reverse order (1..L L..1)"
+
+        def layers(self, params, old, target):
+            return [NewLayer(i) for i in [*range(old), *reversed(range(old))]]
+
+    OPERATORS.register("toy", Mirror())
+    try:
+        assert main(["ops", "list"]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+        assert any(row[:3] == ["toy", "depth", "no"] and "reverse" in row for row in rows)
+        out = tmp_path / "toy"
+        grow = ["checkpoint", "grow", "--load", str(small / "llama"), "--save", str(out), "--quiet"]
+        assert main(grow + ["--op", "toy:x=1"]) == 1
+        assert "toy: unknown parameter x" in capsys.readouterr().err
+        assert main(grow + ["--op", "toy", "--target-tp", "1", "--target-pp", "1", "--ckpt-format", "torch"]) == 0
+        printed = capsys.readouterr().out
+        assert "layers: 1 2 3 4 5 6 6 5 4 3 2 1" in printed
+        assert "connection rate R_c: 0.455" in printed  # 5 of its 11 adjacent pairs were adjacent before
+        assert f"wrote {out}" in printed
+    finally:
+        OPERATORS.unregister("toy")
+    assert "toy" not in OPERATORS
+    src, grown = open_checkpoint(str(small / "llama")), open_checkpoint(str(out))
+    assert grown.num_layers == 12 and grown.format == "torch" and grown.iteration == 3
+    for i, j in enumerate([0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0]):
+        unit, source = grown.read_layer(i), src.read_layer(j)
+        assert set(unit) == set(source) == {"model", "exp_avg", "exp_avg_sq"}
+        for state, tensors in source.items():
+            for name, t in tensors.items():
+                assert torch.equal(unit[state][name], t), (i, state, name)

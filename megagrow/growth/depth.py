@@ -2,7 +2,11 @@
 
 Layers are 0-based here; the papers' notation (1-based) appears only in specs and messages.
 A plan is a list of `NewLayer`; `copy` layers (and their optimizer state) are exact copies of a
-source layer, the other kinds are built from one by `growth.grow`.
+source layer, the other kinds are built from one by `DepthGrownView`. The depth operators (registered
+in growth.registry) turn a spec into a plan; each new one is a `DepthOperator` with its `layers`.
+Optimizer state follows the plan: copied layers keep their Adam moments (and fp32 main copies); a
+tensor an operator sets to zero gets zero moments; a fresh random layer gets zero moments and main
+copies equal to its new weights.
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from megagrow.checkpoint.errors import CheckpointError
+import torch
 
-
-class GrowthError(CheckpointError):
-    """A growth spec or target shape that cannot be applied; printed as one line."""
+from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit
+from megagrow.growth.operators import GrowthError, Operator, Plan
+from megagrow.model.shape import ModelShape, expected_shapes
 
 
 @dataclass(frozen=True)
@@ -121,3 +125,192 @@ def connection_rate(plan: list[NewLayer]) -> float:
     kept = sum(1 for a, b in zip(plan, plan[1:])
                if a.source is not None and b.source is not None and b.source == a.source + 1)
     return kept / (len(plan) - 1)
+
+
+_OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
+                       "mlp.linear_fc2.weight", "mlp.linear_fc2.bias")
+_MAIN_COPIES = ("param", "fp32_param")  # optimizer states that hold the weights themselves
+
+
+def _zeroed(name: str, init: str) -> bool:
+    if init == "zero_out":
+        return name in _OUTPUT_PROJECTIONS
+    if init == "redundant":  # paper 002: the new layer's norm weights and all its biases are zero
+        return "layer_norm" in name or name.endswith(".bias")
+    return False
+
+
+class DepthGrownView(DerivedView):
+    """The source view seen through a layer plan (globals pass through)."""
+
+    def __init__(self, inner: CheckpointView, plan: list[NewLayer], args, seed: int):
+        super().__init__(inner, args)
+        self.plan, self.seed = plan, seed
+        self._last: tuple[int | None, Unit | None] = (None, None)
+        self._dtypes: dict[str, torch.dtype] | None = None
+
+    def _source(self, index: int) -> Unit:
+        if self._last[0] != index:  # interpolation reads the same layer several times in a row
+            self._last = (index, self.inner.read_layer(index))
+        return {state: dict(tensors) for state, tensors in self._last[1].items()}
+
+    def read_layer(self, index: int) -> Unit:
+        new = self.plan[index]
+        if new.init == "random":
+            return self._random_layer(index)
+        unit = self._source(new.source)
+        for state, tensors in unit.items():
+            for name, t in tensors.items():
+                if _zeroed(name, new.init):
+                    tensors[name] = torch.zeros_like(t)
+        return unit
+
+    def _random_layer(self, index: int) -> Unit:
+        """Initialised as the trainer would (model.init, keyed by seed and the new layer's name)."""
+        from megagrow.model.init import init_global_tensor  # imports megatron-core: not needed for planning
+        if self._dtypes is None:
+            first = self.inner.read_layer(0)
+            self._dtypes = {state: next(iter(t.values())).dtype for state, t in first.items() if t}
+        a = self.args
+        unit: Unit = {"model": {}}
+        for name, shape in expected_shapes(a)[1].items():
+            weight = init_global_tensor(f"decoder.layers.{index}.{name}", shape, self.seed,
+                                        getattr(a, "init_method_std", 0.02), a.num_layers,
+                                        getattr(a, "tokenizer_vocab_size", a.padded_vocab_size))
+            unit["model"][name] = weight.to(self._dtypes["model"])
+            for state in self.optimizer_states:
+                dtype = self._dtypes.get(state, torch.float32)
+                unit.setdefault(state, {})[name] = (weight.to(dtype) if state in _MAIN_COPIES
+                                                    else torch.zeros(shape, dtype=dtype))
+        return unit
+
+
+@dataclass
+class LayerPlan(Plan):
+    layers: list[NewLayer]
+
+    def change(self) -> str:
+        return f"{self.old.num_layers} -> {self.new.num_layers} layers"
+
+    def report(self) -> str:
+        return f"layers: {describe(self.layers)}\nconnection rate R_c: {connection_rate(self.layers):.3f}"
+
+
+class DepthOperator(Operator):
+    """A depth operator is its `layers`: the plan from the old depth and the asked-for one (None: not given)."""
+    kind = "depth"
+
+    def layers(self, params: dict[str, str], old: int, target: int | None) -> list[NewLayer]:
+        raise NotImplementedError
+
+    def plan(self, params: dict[str, str], old: ModelShape, new: ModelShape) -> LayerPlan:
+        target = new.num_layers if new.num_layers != old.num_layers else None  # None: the spec fixes the depth
+        layers = self.layers(params, old.num_layers, target)
+        if target is not None and len(layers) != target:
+            raise GrowthError(f"--op {self.name} makes {len(layers)} layers, not --num-layers {target}")
+        if len(layers) <= old.num_layers:
+            raise GrowthError(f"--op {self.name} makes {len(layers)} layers from {old.num_layers}: growth cannot "
+                              "shrink or keep depth")
+        return LayerPlan(self, old, old.with_sizes(num_layers=len(layers)), layers)
+
+    def configure(self, plan: Plan, args, source: CheckpointView) -> list[str]:
+        args.num_layers = plan.new.num_layers
+        args.decoder_first_pipeline_num_layers = args.decoder_last_pipeline_num_layers = None
+        return []
+
+    def view(self, source, plan, args, seed, *, save, force, data_path=None) -> CheckpointView:
+        return DepthGrownView(source, plan.layers, args, seed)
+
+    def layer_map(self, plan: LayerPlan) -> list[int] | None:
+        return [layer.source for layer in plan.layers] if all(l.init == "copy" for l in plan.layers) else None
+
+
+def _factor(op: DepthOperator, params: dict, old: int, target: int | None) -> int:
+    g = op.int_param(params, "g")
+    if g is None:
+        if target is None or target % old:
+            raise GrowthError(f"{op.name}: give g (e.g. {op.name}:g=2) or a --num-layers that is a multiple of {old}")
+        g = target // old
+    if g < 2:
+        raise GrowthError(f"{op.name}: g={g} must be at least 2")
+    if target is not None and target != g * old:
+        raise GrowthError(f"{op.name}:g={g} makes {g * old} layers, not --num-layers {target}")
+    return g
+
+
+class Stack(DepthOperator):
+    name, preserves_function = "stack", False
+    summary = "G_stack: the whole model repeated g times (1..L 1..L ...)"
+    params, takes = "g=INT (default: --num-layers / old layers)", ("g",)
+
+    def layers(self, params, old, target):
+        return stack(old, _factor(self, params, old, target))
+
+
+class Interpolate(Stack):
+    name, summary = "interpolate", "each layer repeated g times in place (1 1 2 2 ...)"
+
+    def layers(self, params, old, target):
+        return interpolate(old, _factor(self, params, old, target))
+
+
+class Partial(DepthOperator):
+    name, preserves_function = "partial", False
+    summary = "partial stacking in the papers' notation; reports R_c"
+    params, takes = "the layer order: 12-3456*5-56, or ranges 1-2,3-6*5,5-6", ("layers",)
+
+    def parse(self, arg: str) -> dict[str, str]:
+        return {"layers": arg}  # its own notation, not key=value
+
+    def layers(self, params, old, target):
+        return partial_stack(old, params["layers"])
+
+
+class Lag(DepthOperator):
+    name, preserves_function = "lag", False
+    summary = "LAG's design space: k = L'-L new layers from layer p in blocks of b, each block duplicated or random"
+    params = "p=INT (first layer, default 1), b=INT (block, default 1), init=dup|random; or last (the top k)"
+    takes = ("p", "b", "init", "last")
+
+    def layers(self, params, old, target):
+        if target is None:
+            raise GrowthError("lag needs --num-layers (the grown depth L')")
+        if "last" in params:
+            return lag(old, target, None, 0, "dup")
+        return lag(old, target, self.int_param(params, "p", 1), self.int_param(params, "b", 1),
+                   params.get("init", "dup"))
+
+
+class Evenly(DepthOperator):
+    """New layers inserted evenly (insert_evenly), each built from the layer before as `init` says."""
+    init: str
+
+    def layers(self, params, old, target):
+        if target is None:
+            raise GrowthError(f"{self.name} needs --num-layers (the grown depth)")
+        return insert_evenly(old, target, self.init)
+
+
+class Redundant(Evenly):
+    name, init, preserves_function = "redundant", "redundant", True
+    summary = ("paper 002: new layers inserted evenly, copies of the layer before with norm weights and biases "
+               "zero (identity at growth time)")
+
+    def configure(self, plan, args, source):
+        notes = super().configure(plan, args, source)
+        if plan.old.swiglu:
+            notes.append("warning: with SwiGLU a redundant layer's FFN gets no gradient (its zero pre-MLP norm makes "
+                         "silu(0)*0); its attention still trains. --op zero (output projections zero) keeps the whole "
+                         "layer trainable.")
+        return notes
+
+
+class Zero(Evenly):
+    name, init, preserves_function = "zero", "zero_out", True
+    summary = ("G_zero, LLaMA-Pro style: new layers inserted evenly, copies of the layer before with output "
+               "projections (linear_proj, linear_fc2) zero")
+
+
+class Random(Evenly):
+    name, init, preserves_function = "random", "random", False
+    summary = "G_random: new layers inserted evenly, initialised as the trainer would"

@@ -20,12 +20,15 @@ import json
 import os
 import socket
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, check_target_parallelism
 from megagrow.model.shape import expected_shapes
-from megagrow.growth.depth import GrowthError, NewLayer
+from megagrow.growth.depth import DepthOperator, LayerPlan, NewLayer
+from megagrow.growth.operators import GrowthError, Plan
+from megagrow.growth.width import WidthOperator, WidthPlan
 
 DEFAULT_LR = 1e-3  # map entries start at 0 or 1: Adam moves them by about lr per step
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -33,10 +36,7 @@ _GLOBAL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # layer names ar
 
 
 def learn_params(params: dict) -> tuple[int, float]:
-    """(steps, lr) from a learn spec's parameters; one-line errors for anything else."""
-    unknown = set(params) - {"steps", "lr"}
-    if unknown:
-        raise GrowthError(f"learn: unknown parameter {sorted(unknown)[0]} (expected steps, lr)")
+    """(steps, lr) from a learn spec's parameters (their names already checked); one-line errors."""
     try:
         steps = int(params.get("steps", ""))
     except ValueError:
@@ -50,14 +50,6 @@ def learn_params(params: dict) -> tuple[int, float]:
     if not lr > 0:
         raise GrowthError(f"learn: lr={lr:g} must be positive")
     return steps, lr
-
-
-def initial_depth_plan(old: int, target: int | None, params: dict) -> list[NewLayer]:
-    """The registry's plan for learn: where D starts (stacking, 1..L 1..L ..., cut at L')."""
-    learn_params(params)
-    if target is None:
-        raise GrowthError("learn needs --num-layers (the grown depth) or a new width (--hidden-size ...)")
-    return [NewLayer(i % old) for i in range(target)]
 
 
 def _key(name: str) -> str:
@@ -250,12 +242,11 @@ class LearnedGrownView(DerivedView):
         torch.save(self.growth.state_dict(), os.path.join(root, "learned_growth.pt"))
 
 
-def learned_view(view: CheckpointView, args, spec_params: dict, seed: int, save: str, force: bool,
+def learned_view(view: CheckpointView, args, steps: int, lr: float, seed: int, save: str, force: bool,
                  sources: list[int] | None = None, width=None, data_path: list[str] | None = None
                  ) -> LearnedGrownView:
     """Fit the maps (depth from `sources`, or width from a WidthPlan) and return the grown view."""
     from megagrow.checkpoint.io import check_target
-    steps, lr = learn_params(spec_params)
     # Refuse now what the writer would refuse only after the fit.
     check_target_parallelism(args, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     check_target(save, force)
@@ -265,3 +256,63 @@ def learned_view(view: CheckpointView, args, spec_params: dict, seed: int, save:
     small = {**view.read_globals()["model"], **stacked["model"]}
     record = fit(view, args, growth, small, steps, lr, seed, data_path)
     return LearnedGrownView(view, args, growth, record, stacked)
+
+
+@dataclass
+class LearnPlan(Plan):
+    start: Plan  # where the maps start: stacking's layer plan (depth) or fpi's duplicating maps (width)
+    steps: int
+    lr: float
+
+    def change(self) -> str:
+        return self.start.change()
+
+    def report(self) -> str:
+        return self.start.report()
+
+
+class Learned:
+    """G_learn for either kind (mixed into a depth and a width operator, one registry entry): the plan of the
+    kind's base operator is where the maps start; the maps are fitted and saved beside the checkpoint."""
+    name, preserves_function, reads_data, takes = "learn", False, True, ("steps", "lr")
+    params = "steps=INT (fitting steps), lr=FLOAT (default 1e-3)"
+
+    def plan(self, params, old, new) -> LearnPlan:
+        steps, lr = learn_params(params)
+        start = super().plan(params, old, new)
+        return LearnPlan(self, start.old, start.new, start, steps, lr)
+
+    def maps(self, start: Plan) -> dict:
+        """learned_view's keywords for where the maps start."""
+        raise NotImplementedError
+
+    def view(self, source, plan, args, seed, *, save, force, data_path=None) -> CheckpointView:
+        return learned_view(source, args, plan.steps, plan.lr, seed, save, force, data_path=data_path,
+                            **self.maps(plan.start))
+
+    def layer_map(self, plan) -> None:
+        return None  # a learned layer mixes old ones: never a plain copy
+
+    def written(self, view: LearnedGrownView, save: str) -> None:
+        view.save_record(save)
+
+
+class LearnDepth(Learned, DepthOperator):
+    summary = ("G_learn, LiGO: each new layer a learned linear mix of the old ones, from stacking, fitted on the "
+               "grown model's LM loss")
+
+    def layers(self, params, old, target):
+        if target is None:
+            raise GrowthError("learn needs --num-layers (the grown depth) or a new width (--hidden-size ...)")
+        return [NewLayer(i % old) for i in range(target)]  # D starts as stacking: 1..L 1..L ..., cut at L'
+
+    def maps(self, start: LayerPlan) -> dict:
+        return {"sources": [layer.source for layer in start.layers]}
+
+
+class LearnWidth(Learned, WidthOperator):
+    duplicates = True  # the maps start as fpi's
+    summary = "G_learn, LiGO: width maps from fpi's (any sizes), fitted on the grown model's LM loss"
+
+    def maps(self, start: WidthPlan) -> dict:
+        return {"width": start}

@@ -16,34 +16,22 @@ axis sends each new index to the old index it copies, or -1 for a new one; the h
   layer above (the last layer uses itself).
 - `msg`, `pdg`: as direct, with the new indices behind growth masks (model.growth_masks) that open
   over `steps` iterations during training: the same function at growth time.
-Adam moments follow the weights (copied, scaled by c and c^2 where the weight is, zero when new or
-zeroed); fp32 main copies equal the new weights.
+Each is a `WidthOperator` (its hooks fill the new entries), registered in growth.registry; its
+`WidthPlan` holds the maps. Adam moments follow the weights (copied, scaled by c and c^2 where the
+weight is, zero when new or zeroed); fp32 main copies equal the new weights.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit
-from megagrow.model.shape import expected_shapes, kv_channels, query_groups, tied
-from megagrow.growth.depth import GrowthError
-from megagrow.growth.learn import learn_params
-from megagrow.model.init import init_global_tensor
+from megagrow.growth.operators import GrowthError, Operator, Plan
+from megagrow.model.shape import WIDTH_FIELDS, ModelShape, expected_shapes, kv_channels, query_groups, tied
 
-WIDTH_OPERATORS = {
-    "direct": (False, "old weights copied, new rows/columns initialised as the trainer would"),
-    "zero": (True, "as direct, with every new path into old outputs zero; function-preserving for RMSNorm models"),
-    "random": (False, "G_random: as direct, new entries drawn at the scale of the trained weights"),
-    "fpi": (True, "Net2Net: new units duplicate old ones, weights reading them divided (whole multiples of each size)"),
-    "aki": (False, "bert2BERT AKI: as fpi, new units taken from the layer above"),
-    "msg": (True, "masked structural growth (msg:steps=N): as direct, new width behind masks ramped 0 -> 1 in N steps"),
-    "pdg": (True, "paper 002 progressive dimensionality growth (pdg:steps=N): new dims opened r per step over N steps"),
-    "learn": (False, "G_learn, LiGO (learn:steps=N[,lr=X]): width maps from fpi's (any sizes), fitted N steps on the "
-                     "grown model's LM loss (growth.learn)"),
-}
-MASKED = ("msg", "pdg")
 _MAIN_COPIES = ("param", "fp32_param")
 
 
@@ -58,53 +46,24 @@ def _blocks(groups: torch.Tensor, block: int) -> torch.Tensor:
     return torch.where(groups.repeat_interleave(block) >= 0, rows, torch.full_like(rows, -1))
 
 
-class WidthPlan:
-    def __init__(self, old_args, new_args, spec: str):
-        from megagrow.growth.operators import parse_spec
-        op, params = parse_spec(spec)
-        if op not in WIDTH_OPERATORS:
-            raise GrowthError(f"--op {op}: unknown width operator (width: {', '.join(WIDTH_OPERATORS)})")
-        unknown = set(params) - ({"steps"} if op in MASKED else set())
-        if op == "learn":
-            self.learn = learn_params(params)  # (steps, lr); refuses unknown parameters itself
-        elif unknown:
-            raise GrowthError(f"--op {spec}: unknown parameter {sorted(unknown)[0]}")
-        self.op, self.old, self.new = op, old_args, new_args
-        self.steps = None
-        if op in MASKED:
-            try:
-                self.steps = int(params.get("steps", ""))
-            except ValueError:
-                raise GrowthError(f"--op {spec}: give the iterations over which the masks open, e.g. {op}:steps=100") \
-                    from None
-            if self.steps < 1:
-                raise GrowthError(f"--op {spec}: steps must be at least 1")
-        h, f, a, q = old_args.hidden_size, old_args.ffn_hidden_size, old_args.num_attention_heads, query_groups(old_args)
-        H, F, A, Q = new_args.hidden_size, new_args.ffn_hidden_size, new_args.num_attention_heads, query_groups(new_args)
-        for name, o, n in (("--hidden-size", h, H), ("--ffn-hidden-size", f, F), ("--num-attention-heads", a, A),
-                           ("--num-query-groups", q, Q)):
-            if n < o:
-                raise GrowthError(f"{name} {n} is smaller than the model's {o}: growth cannot shrink")
-        if A % Q or A // Q != a // q:
-            raise GrowthError(f"--num-attention-heads {A} / --num-query-groups {Q} must keep {a // q} heads per "
-                              "query group (width growth adds whole query groups)")
-        if (H, F, A) == (h, f, a):
-            raise GrowthError("width growth: no size grows (give a larger --hidden-size, --ffn-hidden-size or heads)")
-        dup = op in ("fpi", "aki", "learn")  # learn starts from fpi's duplication
-        if op == "fpi":
-            for name, o, n in (("--hidden-size", h, H), ("--ffn-hidden-size", f, F), ("--num-query-groups", q, Q)):
-                if n % o:
-                    raise GrowthError(f"fpi: {name} {n} is not a whole multiple of {o}")
-            if H != h and tied(old_args):
-                raise GrowthError("fpi: tied embeddings cannot grow the hidden size (the embedding is copied, the "
-                                  "output layer divided); untie them or use --op zero")
-        if op == "zero" and getattr(old_args, "normalization", "LayerNorm") != "RMSNorm" and H != h:
-            raise GrowthError("zero: keeping the function while the hidden size grows needs RMSNorm (LayerNorm's "
-                              "mean would change); use --op fpi or direct")
-        self.gated = bool(getattr(old_args, "swiglu", False))
-        self.maps = self._maps(dup)
+@dataclass
+class WidthPlan(Plan):
+    """Per axis a map new index -> old index it copies (-1: new); `op` (a WidthOperator) says how entries fill."""
+    steps: int | None = None  # msg/pdg: iterations over which the growth masks open
+
+    def __post_init__(self):
+        self.gated = self.old.swiglu
+        self.maps = self._maps(self.op.duplicates)
         self.new_positions = self._maps(False)  # -1 wherever an index is new, whatever fills it
-        self.norm_scale = math.sqrt(h / H) if op == "zero" else 1.0
+
+    def change(self) -> str:
+        o, n = self.old, self.new
+        return f"width h {o.hidden_size} -> {n.hidden_size}, ffn {o.ffn_hidden_size} -> {n.ffn_hidden_size}, " \
+               f"heads {o.num_attention_heads} -> {n.num_attention_heads}"
+
+    def report(self) -> str:
+        o, n = self.old, self.new
+        return f"{self.change()}, query groups {o.num_query_groups} -> {n.num_query_groups}"
 
     def _maps(self, duplicate: bool) -> dict[str, torch.Tensor]:
         o, n = self.old, self.new
@@ -153,7 +112,7 @@ class WidthPlan:
             if mapping is None:
                 mapping = torch.arange(old.shape[dim])
             index.append(mapping)
-            if reads and self.op in ("fpi", "aki"):
+            if reads and self.op.divides:
                 counts = torch.bincount(mapping[mapping >= 0], minlength=old.shape[dim]).to(old.dtype)
                 factor = (1.0 / counts[mapping.clamp(min=0)]) ** power
                 shape = [1] * old.dim()
@@ -171,11 +130,7 @@ class WidthPlan:
                 from_upper = from_upper.index_select(dim, mapping.clamp(min=0))
             copied = torch.where(self._is_new(name, old.dim()), from_upper, copied)
         out = torch.where(keep, (copied * scale).to(fresh.dtype), fresh)
-        if self.op == "zero":
-            out = self._zero_new_paths(name, out, index)
-            if "layer_norm_weight" in name or name == "decoder.final_layernorm.weight":
-                out = torch.where(index[0] >= 0, out * self.norm_scale ** power, out)
-        return out
+        return self.op.adjust(self, name, out, index, power)
 
     def _is_new(self, name: str, ndim: int) -> torch.Tensor:
         new = torch.zeros((), dtype=torch.bool)
@@ -186,17 +141,6 @@ class WidthPlan:
                 new = new | (mapping < 0).reshape(shape)
         return new
 
-    def _zero_new_paths(self, name: str, t: torch.Tensor, index: list[torch.Tensor]) -> torch.Tensor:
-        new = [m < 0 for m in index]
-        if name.endswith(("word_embeddings.weight", "position_embeddings.weight")):
-            t[:, new[1]] = 0
-        elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            t[new[0], :] = 0
-            t[:, new[1]] = 0
-        elif name.endswith(("linear_proj.bias", "linear_fc2.bias")):
-            t[new[0]] = 0
-        return t
-
 
 class WidthGrownView(DerivedView):
     def __init__(self, inner: CheckpointView, plan: WidthPlan, args, seed: int):
@@ -204,6 +148,7 @@ class WidthGrownView(DerivedView):
         self.plan, self.seed = plan, seed
 
     def _unit(self, unit: Unit, shapes: dict, prefix: str, upper: Unit | None = None) -> Unit:
+        from megagrow.model.init import init_global_tensor  # imports megatron-core: not needed for planning
         a = self.args
         out: Unit = {}
         for name, old in unit["model"].items():
@@ -211,8 +156,7 @@ class WidthGrownView(DerivedView):
                 "embedding.word_embeddings.weight"][1:])
             fresh = init_global_tensor(prefix + name, shape, self.seed, getattr(a, "init_method_std", 0.02),
                                        a.num_layers, getattr(a, "tokenizer_vocab_size", a.padded_vocab_size))
-            if self.plan.op == "random" and old.dim() >= 2 and fresh.std() > 0:
-                fresh = fresh * (old.float().std() / fresh.std())  # at the trained weights' scale
+            fresh = self.plan.op.fresh(old, fresh)
 
             def above(state: str) -> torch.Tensor | None:
                 return None if upper is None else upper[state][name]
@@ -239,8 +183,158 @@ class WidthGrownView(DerivedView):
         return self._unit(unit, shapes, "")
 
     def read_layer(self, index: int) -> Unit:
-        upper = None
-        if self.plan.op == "aki":  # bert2BERT: new units from the layer above; the top layer uses itself
-            upper = self.inner.read_layer(min(index + 1, self.inner.num_layers - 1))
+        upper = self.plan.op.upper_layer(index, self.inner.num_layers)
+        if upper is not None:
+            upper = self.inner.read_layer(upper)
         return self._unit(self.inner.read_layer(index), expected_shapes(self.args)[1], f"decoder.layers.{index}.",
                           upper)
+
+
+class WidthOperator(Operator):
+    """A width operator: how the new entries of the maps' new indices are filled (hooks called per tensor)."""
+    kind, preserves_function = "width", False
+    duplicates = False  # new indices copy old ones (i -> i mod old) rather than start new
+    divides = False  # weights reading a duplicated axis are divided by its number of copies
+
+    def plan(self, params: dict[str, str], old: ModelShape, new: ModelShape) -> WidthPlan:
+        h, f, a, q = old.hidden_size, old.ffn_hidden_size, old.num_attention_heads, query_groups(old)
+        H, F, A, Q = new.hidden_size, new.ffn_hidden_size, new.num_attention_heads, query_groups(new)
+        for name, o, n in (("--hidden-size", h, H), ("--ffn-hidden-size", f, F), ("--num-attention-heads", a, A),
+                           ("--num-query-groups", q, Q)):
+            if n < o:
+                raise GrowthError(f"{name} {n} is smaller than the model's {o}: growth cannot shrink")
+        if A % Q or A // Q != a // q:
+            raise GrowthError(f"--num-attention-heads {A} / --num-query-groups {Q} must keep {a // q} heads per "
+                              "query group (width growth adds whole query groups)")
+        if (H, F, A) == (h, f, a):
+            raise GrowthError("width growth: no size grows (give a larger --hidden-size, --ffn-hidden-size or heads)")
+        self.check(old, new)
+        return WidthPlan(self, old, new)
+
+    def check(self, old: ModelShape, new: ModelShape) -> None:
+        """What this operator refuses beyond the sizes every width growth needs."""
+
+    def configure(self, plan: Plan, args, source: CheckpointView) -> list[str]:
+        for key in WIDTH_FIELDS + ("group_query_attention", "kv_channels"):  # heads grow in number, not in size
+            setattr(args, key, getattr(plan.new, key))
+        return []
+
+    def view(self, source, plan, args, seed, *, save, force, data_path=None) -> CheckpointView:
+        return WidthGrownView(source, plan, args, seed)
+
+    def fresh(self, old: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """The values new entries start from, given the trainer's initial ones."""
+        return fresh
+
+    def adjust(self, plan: WidthPlan, name: str, out: torch.Tensor, index: list[torch.Tensor],
+               power: int) -> torch.Tensor:
+        """The grown tensor after copying (index: per dimension the map, -1 where new)."""
+        return out
+
+    def upper_layer(self, index: int, num_layers: int) -> int | None:
+        """The source layer whose entries fill layer `index`'s new ones, if any."""
+        return None
+
+
+class Direct(WidthOperator):
+    name, summary = "direct", "old weights copied, new rows/columns initialised as the trainer would"
+
+
+class Zero(WidthOperator):
+    name, preserves_function = "zero", True
+    summary = "as direct, with every new path into old outputs zero; function-preserving for RMSNorm models"
+
+    def check(self, old, new):
+        if old.normalization != "RMSNorm" and new.hidden_size != old.hidden_size:
+            raise GrowthError("zero: keeping the function while the hidden size grows needs RMSNorm (LayerNorm's "
+                              "mean would change); use --op fpi or direct")
+
+    def configure(self, plan, args, source):
+        notes = super().configure(plan, args, source)
+        if plan.new.hidden_size != plan.old.hidden_size:
+            # RMSNorm over H dims of which h are non-zero: mean(x^2) shrinks by h/H, and so must epsilon.
+            args.layernorm_epsilon = getattr(source.args, "layernorm_epsilon", 1e-5) * plan.old.hidden_size / \
+                plan.new.hidden_size
+            notes.append(f"note: --norm-epsilon scaled to {args.layernorm_epsilon:.6g} (recorded in the checkpoint's "
+                         "args) so that the grown model computes the same function; pass it when training the grown "
+                         "model")
+        return notes
+
+    def adjust(self, plan, name, out, index, power):
+        new = [m < 0 for m in index]
+        if name.endswith(("word_embeddings.weight", "position_embeddings.weight")):
+            out[:, new[1]] = 0
+        elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            out[new[0], :] = 0
+            out[:, new[1]] = 0
+        elif name.endswith(("linear_proj.bias", "linear_fc2.bias")):
+            out[new[0]] = 0
+        if "layer_norm_weight" in name or name == "decoder.final_layernorm.weight":
+            scale = math.sqrt(plan.old.hidden_size / plan.new.hidden_size)  # the longer mean of RMSNorm
+            out = torch.where(index[0] >= 0, out * scale ** power, out)
+        return out
+
+
+class Random(WidthOperator):
+    name, summary = "random", "G_random: as direct, new entries drawn at the scale of the trained weights"
+
+    def fresh(self, old, fresh):
+        if old.dim() >= 2 and fresh.std() > 0:
+            return fresh * (old.float().std() / fresh.std())  # at the trained weights' scale
+        return fresh
+
+
+class Fpi(WidthOperator):
+    name, preserves_function, duplicates, divides = "fpi", True, True, True
+    summary = "Net2Net: new units duplicate old ones, weights reading them divided (whole multiples of each size)"
+
+    def check(self, old, new):
+        for flag, key in (("--hidden-size", "hidden_size"), ("--ffn-hidden-size", "ffn_hidden_size"),
+                          ("--num-query-groups", "num_query_groups")):
+            if getattr(new, key) % getattr(old, key):
+                raise GrowthError(f"fpi: {flag} {getattr(new, key)} is not a whole multiple of {getattr(old, key)}")
+        if new.hidden_size != old.hidden_size and tied(old):
+            raise GrowthError("fpi: tied embeddings cannot grow the hidden size (the embedding is copied, the "
+                              "output layer divided); untie them or use --op zero")
+
+
+class Aki(WidthOperator):
+    name, duplicates, divides = "aki", True, True
+    summary = "bert2BERT AKI: as fpi (any sizes), new units taken from the layer above"
+
+    def upper_layer(self, index, num_layers):
+        return min(index + 1, num_layers - 1)  # the top layer uses itself
+
+
+class Masked(WidthOperator):
+    """msg, pdg: as direct, the new indices behind growth masks the trainer opens over `steps` iterations."""
+    preserves_function, params, takes = True, "steps=INT (iterations over which the masks open)", ("steps",)
+
+    def plan(self, params, old, new):
+        try:
+            steps = int(params.get("steps", ""))
+        except ValueError:
+            raise GrowthError(f"--op {self.name}: give the iterations over which the masks open, e.g. "
+                              f"{self.name}:steps=100") from None
+        if steps < 1:
+            raise GrowthError(f"--op {self.name}:steps={steps}: steps must be at least 1")
+        plan = super().plan(params, old, new)
+        plan.steps = steps
+        return plan
+
+    def configure(self, plan, args, source):
+        notes = super().configure(plan, args, source)
+        # Written with the grown checkpoint: views derived from `source` share its run state.
+        source.run_state["growth_masks"] = {
+            "kind": self.name, "begin": source.iteration, "end": source.iteration + plan.steps,
+            "hidden_size": plan.old.hidden_size, "ffn_hidden_size": plan.old.ffn_hidden_size,
+            "num_attention_heads": plan.old.num_attention_heads}
+        return notes
+
+
+class Msg(Masked):
+    name, summary = "msg", "masked structural growth: as direct, new width behind masks ramped 0 -> 1 in N steps"
+
+
+class Pdg(Masked):
+    name, summary = "pdg", "paper 002 progressive dimensionality growth: new dims opened r per step over N steps"
