@@ -29,7 +29,7 @@ _NUMBER = (int, float)
 
 
 def _type_name(t) -> str:
-    names = {dict: "a mapping", list: "a list", str: "a string", object: "a value", int: "an integer", float: "a number",
+    names = {dict: "a mapping", list: "a list", str: "a string" int: "an integer", float: "a number",
              bool: "true or false", type(None): "null"}
     return " or ".join(names[x] for x in (t if isinstance(t, tuple) else (t,)))
 
@@ -78,8 +78,8 @@ def _flags(value: dict, table: dict[str, argparse.Action], path: str) -> None:
 
 
 def _stop(stop: dict, path: str, last: bool) -> None:
-    allowed = {f.name: (object,) for f in fields(StopRule) if f.name != "start"}
-    allowed = {**{k: (int, float, dict, str, type(None)) for k in allowed}, **STOP_EXTRA, "policy": str}
+    allowed = {**{f.name: (int, float, dict, str, type(None)) for f in fields(StopRule) if f.name != "start"},
+               **STOP_EXTRA, "policy": str}
     _keys(stop, allowed, path, required=("policy",))
     if stop["policy"] not in STOP_RULES:
         raise PlanError(f"{path}.policy: unknown stop rule {stop['policy']!r}; expected one of "
