@@ -29,7 +29,7 @@ _NUMBER = (int, float)
 
 
 def _type_name(t) -> str:
-    names = {dict: "a mapping", list: "a list", str: "a string" int: "an integer", float: "a number",
+    names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number",
              bool: "true or false", type(None): "null"}
     return " or ".join(names[x] for x in (t if isinstance(t, tuple) else (t,)))
 
