@@ -18,7 +18,8 @@ def depth_plan(spec: str, old: int, new: int | None) -> list[NewLayer]:
     shape = ModelShape(num_layers=old, hidden_size=64, num_attention_heads=8)
     return plan_growth(spec, shape, shape.with_sizes(num_layers=new)).layers
 
-LLAMA6 = {"--num-layers": "6", "--num-attention-heads": "8", "--num-query-groups": "4", "--train-iters": "10",
+# FFN 192 given explicitly: Megatron-LM's SwiGLU default for hidden 64 is 128; the width tests index 192 units.
+LLAMA6 = {"--num-layers": "6", "--ffn-hidden-size": "192", "--num-attention-heads": "8", "--num-query-groups": "4", "--train-iters": "10",
           "--exit-interval": "3", "--tensor-model-parallel-size": "2", "--pipeline-model-parallel-size": "2"}
 GPT2_6 = {"--num-layers": "6", "--group-query-attention": None, "--num-query-groups": None, "--swiglu": None,
           "--normalization": None, "--position-embedding-type": None, "--untie-embeddings-and-output-weights": None,
