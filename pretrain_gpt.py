@@ -13,4 +13,4 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from megagrow.training.launch import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

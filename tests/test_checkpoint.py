@@ -197,7 +197,7 @@ def test_convert_refuses_bad_targets(trained, tmp_path):
     out = megagrow("checkpoint", "convert", "--load", str(trained / "llama"), "--save", str(taken), check=False)
     assert out.returncode == 1 and "not empty" in out.stderr and (taken / "keep.txt").read_text() == "mine"
     _expect_failure(["checkpoint", "convert", "--load", str(trained / "llama"), "--save", str(tmp_path / "o"),
-                     "--target-tp", "8"], "--num-query-groups 4 is not divisible by 8", tmp_path / "o")
+                     "--target-tp", "8"], "--num-query-groups 4 is not divisible by tensor parallel size 8", tmp_path / "o")
     _expect_failure(["checkpoint", "convert", "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "o")],
                     "no such directory", tmp_path / "o")
     _expect_failure(["checkpoint", "convert", "--load", str(trained / "llama_distopt"), "--save", str(tmp_path / "o"),

@@ -135,4 +135,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megagrow.entry import guarded
+    sys.exit(guarded(main))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, refuse_same_directory, target_args,
+from megagrow.checkpoint.target import check_target
+from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, target_args,
                                     write_checkpoint)
 
 
@@ -11,7 +12,7 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
             progress: bool = True, rechunk: bool = False) -> str:
     """torch_dist to torch_dist copies the stored chunks byte for byte (they hold global coordinates,
     valid at any parallelism) unless `rechunk` asks for the chunks the target ranks would write."""
-    refuse_same_directory(load, save)
+    check_target(save, force, load)
     view = open_checkpoint(load)
     check_source(view, with_optimizer)
     src = view.args
@@ -24,4 +25,5 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     return write_checkpoint(view if copy_chunks else VocabResized(view, args.padded_vocab_size), save, args, fmt,
                             with_optimizer and view.optimizer is not None, force, progress,
                             label=f"converting TP{src.tensor_model_parallel_size}/PP"
-                                  f"{src.pipeline_model_parallel_size} -> TP{tp}/PP{pp}", copy_chunks=copy_chunks)
+                                  f"{src.pipeline_model_parallel_size} -> TP{tp}/PP{pp}", copy_chunks=copy_chunks,
+                            load=load)

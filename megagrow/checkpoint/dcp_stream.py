@@ -10,11 +10,12 @@ dist_checkpointing.save would, so neither side ever holds the model.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
 import pickle
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -406,18 +407,26 @@ def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: boo
             news = [index]
         for new_index in news:
             by_file.setdefault(info.relative_path, []).append((new_index, info))
-    storage = {}
-    total = len(by_file)
-    for done, (name, items) in enumerate(sorted(by_file.items()), 1):
+    def copy_file(name: str, items: list) -> dict:
+        placed = {}
         items.sort(key=lambda x: x[1].offset)
         with open(os.path.join(view.path, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
             pos = 0
             for index, info in items:
                 _copy_range(src.fileno(), dst.fileno(), info.offset, pos, info.length)
-                storage[index] = _StorageInfo(name, pos, info.length, info.transform_descriptors)
+                placed[index] = _StorageInfo(name, pos, info.length, info.transform_descriptors)
                 pos += info.length
-        if progress:
-            progress(done * args.num_layers // total)
+        return placed
+
+    storage = {}
+    total = len(by_file)
+    # Files are independent and the copies run in the kernel (no GIL): a few at once keep the disk busy.
+    with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+        copies = [pool.submit(copy_file, name, items) for name, items in sorted(by_file.items())]
+        for done, copied in enumerate(as_completed(copies), 1):
+            storage.update(copied.result())
+            if progress:
+                progress(done * args.num_layers // total)
     if resized:  # re-padded vocabulary tensors, written whole into one file of their own
         writer = FileSystemWriter(out_dir, thread_count=1, sync_files=False)
         writer.set_up_storage_writer(is_coordinator=True)
@@ -440,12 +449,36 @@ def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: boo
     _write_common(view, out_dir, args, with_optimizer)
 
 
+# copy_file_range refuses some pairs of filesystems (EXDEV: project space -> scratch, tmpfs...);
+# those get a streamed copy, the same bytes.
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+_STREAM_BLOCK = 16 << 20
+COPY_THREADS = 4
+
+
 def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
     while length > 0:
-        n = os.copy_file_range(src, dst, length, src_offset, dst_offset)
+        try:
+            n = os.copy_file_range(src, dst, length, src_offset, dst_offset)
+        except OSError as e:
+            if e.errno not in _NO_COPY_FILE_RANGE:
+                raise
+            return _stream_range(src, dst, src_offset, dst_offset, length)
         if n == 0:
             raise CheckpointError(f"shard file ended {length} bytes early")
         src_offset, dst_offset, length = src_offset + n, dst_offset + n, length - n
+
+
+def _stream_range(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
+    while length > 0:
+        block = os.pread(src, min(length, _STREAM_BLOCK), src_offset)
+        if not block:
+            raise CheckpointError(f"shard file ended {length} bytes early")
+        view = memoryview(block)
+        while view:
+            n = os.pwrite(dst, view, dst_offset)
+            view, dst_offset = view[n:], dst_offset + n
+        src_offset, length = src_offset + len(block), length - len(block)
 
 
 def boxes_differ(boxes, shape) -> bool:

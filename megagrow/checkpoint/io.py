@@ -2,16 +2,16 @@
 
 Each format is one reader/writer module registered here (`FORMATS`): how to recognise an iteration
 directory, the view class that reads it (and lists its own problems), and the function that writes
-a view in it. `write_checkpoint` writes any view (a reader, or a growth operator's view of one) to
-`SAVE.partial` and renames it into place only once complete, so a source is never touched and a
-failed write leaves nothing behind.
+a view in it. `write_checkpoint` writes any view (a reader, or a growth operator's view of one) through
+checkpoint.target (the one place that decides where a checkpoint may be written), validates it as
+`inspect` would, and only then renames it into place: a source is never touched, a failed write
+leaves nothing behind, and what lands is always loadable.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,9 +19,10 @@ from typing import Callable
 
 from megagrow.checkpoint import dcp_stream, legacy_stream
 from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
+from megagrow.checkpoint.target import check_target, writing
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, check_target_parallelism, vocab_rows
 from megagrow.model.layout import resize_vocab_rows
-from megagrow.model.shape import ModelShape, parameter_count
+from megagrow.model.shape import ModelShape, parameter_count, shape_problems
 from megagrow.registry import Registry
 
 
@@ -96,11 +97,6 @@ class VocabResized(DerivedView):
         return unit
 
 
-def refuse_same_directory(load: str, save: str) -> None:
-    if os.path.abspath(load) == os.path.abspath(save):
-        raise CheckpointError("--load and --save name the same directory; the source is never modified")
-
-
 def target_args(args, tp: int, pp: int, fmt: str):
     """The source's args as the target's: its parallelism, format and vocabulary padding."""
     new = copy.deepcopy(args)
@@ -133,48 +129,50 @@ class Progress:
         sys.stderr.flush()
 
 
-def check_target(save: str, force: bool) -> None:
-    """Refuse a --save that exists as a file, or holds something, unless --force."""
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise CheckpointError(f"--save {save}: exists and is not a directory")
-    if os.path.isdir(save) and os.listdir(save) and not force:
-        raise CheckpointError(f"--save {save}: directory exists and is not empty (pass --force to replace it)")
+def written_bytes(args, with_optimizer: bool) -> int:
+    """A low estimate of a checkpoint's size (bf16 weights, fp32 Adam moments): checked against free space."""
+    return parameter_count(args) * (2 + (8 if with_optimizer else 0))
+
+
+def validate_written(root: str, args, save: str) -> None:
+    """A checkpoint megagrow writes is one it can read back whole, at the shape and layout it meant."""
+    view = open_checkpoint(root)
+    try:
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        problems = view.problems() + shape_problems(view.args, tp, pp)
+        if view.num_layers != args.num_layers or view.args.hidden_size != args.hidden_size:
+            problems.append(f"it holds {view.num_layers} layers of width {view.args.hidden_size}, "
+                            f"not {args.num_layers} of {args.hidden_size}")
+    finally:
+        view.close()
+    if problems:
+        raise CheckpointError(f"the checkpoint written for --save {save} does not validate ({problems[0]}); "
+                              "nothing was written")
 
 
 def write_checkpoint(view: CheckpointView, save: str, args, fmt: str, with_optimizer: bool,
                      force: bool = False, progress: bool = True, label: str = "writing",
-                     copy_chunks: bool = False, layer_map: list[int] | None = None) -> str:
-    """Write `view` under `save` (`iter_N/` + tracker) via a temporary sibling renamed at the end."""
+                     copy_chunks: bool = False, layer_map: list[int] | None = None, load: str | None = None) -> str:
+    """Write `view` under `save` (`iter_N/` + tracker): to a partial sibling, validated, then renamed."""
     writer = FORMATS.get(fmt, "--ckpt-format: ").write
-    check_target(save, force)
+    target = check_target(save, force, load)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     check_target_parallelism(args, tp, pp)
-    partial = save.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    it_dir = iteration_dir(partial, view.iteration)
     bar = Progress(args.num_layers, label, progress)
     try:
-        if copy_chunks:  # torch_dist to torch_dist, tensors unchanged: see dcp_stream.copy_torch_dist
-            dcp_stream.copy_torch_dist(view, it_dir, args, with_optimizer, bar, layer_map)
-        else:
-            os.makedirs(it_dir, exist_ok=True)
-            writer(view, it_dir, args, tp, pp, with_optimizer, bar)
-        with open(os.path.join(partial, TRACKER), "w") as f:
-            f.write(str(view.iteration) if view.iteration else "release")
-        if os.path.exists(save):
-            old = save.rstrip("/") + ".old"
-            os.replace(save, old)
-            os.replace(partial, save)
-            shutil.rmtree(old)
-        else:
-            os.replace(partial, save)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        with writing(target, written_bytes(args, with_optimizer)) as partial:
+            it_dir = iteration_dir(partial, view.iteration)
+            if copy_chunks:  # torch_dist to torch_dist, tensors unchanged: see dcp_stream.copy_torch_dist
+                dcp_stream.copy_torch_dist(view, it_dir, args, with_optimizer, bar, layer_map)
+            else:
+                os.makedirs(it_dir, exist_ok=True)
+                writer(view, it_dir, args, tp, pp, with_optimizer, bar)
+            with open(os.path.join(partial, TRACKER), "w") as f:
+                f.write(str(view.iteration) if view.iteration else "release")
+            validate_written(partial, args, save)
     finally:
         view.close()
-    return iteration_dir(save, view.iteration)
+    return iteration_dir(target.final, view.iteration)
 
 
 def check_source(view: CheckpointView, with_optimizer: bool) -> None:

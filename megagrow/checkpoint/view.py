@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megagrow.checkpoint.errors import CheckpointError
-from megagrow.model.shape import padded_vocab_size, query_groups
+from megagrow.model.shape import padded_vocab_size, shape_problems
 
 Unit = dict[str, dict[str, torch.Tensor]]
 
@@ -122,12 +122,6 @@ def vocab_rows(args, tp: int) -> int:
 
 def check_target_parallelism(args, tp: int, pp: int) -> None:
     """Refuse a TP/PP the model cannot be split into, naming the first reason."""
-    checks = [(args.num_attention_heads % tp == 0, f"--num-attention-heads {args.num_attention_heads}"),
-              (query_groups(args) % tp == 0, f"--num-query-groups {query_groups(args)}"),
-              (args.ffn_hidden_size % tp == 0, f"--ffn-hidden-size {args.ffn_hidden_size}")]
-    for ok, what in checks:
-        if not ok:
-            raise CheckpointError(f"--target-tp {tp}: {what} is not divisible by {tp}")
-    if pp > args.num_layers or (args.num_layers % pp and getattr(args, "decoder_last_pipeline_num_layers", None)
-                                is None and getattr(args, "decoder_first_pipeline_num_layers", None) is None):
-        raise CheckpointError(f"--target-pp {pp}: {args.num_layers} layers do not split into {pp} equal stages")
+    problems = shape_problems(args, tp, pp)
+    if problems:
+        raise CheckpointError(f"target TP={tp} PP={pp}: {problems[0]}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, refuse_same_directory, target_args,
+from megagrow.checkpoint.target import check_target
+from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, target_args,
                                     write_checkpoint)
 from megagrow.checkpoint.view import CheckpointView
 from megagrow.growth.operators import GrowthError
@@ -38,7 +39,7 @@ def grow(load: str, save: str, spec: str, sizes: dict[str, int | None], tp: int 
     """Grow the checkpoint at `load` into `save` with the operator `spec`. `sizes`: the grown model's
     num_layers, hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups (None or missing:
     unchanged; a depth spec may fix num_layers itself). `data_path`: learn's training data (default the run's)."""
-    refuse_same_directory(load, save)
+    check_target(save, force, load)
     view = open_checkpoint(load)
     _refuse_open_masks(view, load)
     src = view.args
@@ -59,10 +60,10 @@ def grow(load: str, save: str, spec: str, sizes: dict[str, int | None], tp: int 
     layer_map = op.layer_map(plan)
     if layer_map is not None and view.format == fmt == "torch_dist" and not rechunk and not view.dp_reshardable:
         out = write_checkpoint(view, save, args, fmt, with_optimizer, force, progress, label, copy_chunks=True,
-                               layer_map=layer_map)
+                               layer_map=layer_map, load=load)
     else:
         inner = op.view(view, plan, args, seed, save=save, force=force, data_path=data_path)
         out = write_checkpoint(VocabResized(inner, args.padded_vocab_size), save, args, fmt, with_optimizer, force,
-                               progress, label)
+                               progress, label, load=load)
         op.written(inner, save)
     return Grown(out, plan.report())

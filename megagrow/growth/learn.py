@@ -246,7 +246,7 @@ def learned_view(view: CheckpointView, args, steps: int, lr: float, seed: int, s
                  sources: list[int] | None = None, width=None, data_path: list[str] | None = None
                  ) -> LearnedGrownView:
     """Fit the maps (depth from `sources`, or width from a WidthPlan) and return the grown view."""
-    from megagrow.checkpoint.io import check_target
+    from megagrow.checkpoint.target import check_target
     # Refuse now what the writer would refuse only after the fit.
     check_target_parallelism(args, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     check_target(save, force)

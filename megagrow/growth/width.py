@@ -203,6 +203,8 @@ class WidthOperator(Operator):
                            ("--num-query-groups", q, Q)):
             if n < o:
                 raise GrowthError(f"{name} {n} is smaller than the model's {o}: growth cannot shrink")
+        if H % A:  # what the trainer (and Megatron-LM without --kv-channels) requires of every model
+            raise GrowthError(f"--hidden-size {H} is not divisible by --num-attention-heads {A}")
         if A % Q or A // Q != a // q:
             raise GrowthError(f"--num-attention-heads {A} / --num-query-groups {Q} must keep {a // q} heads per "
                               "query group (width growth adds whole query groups)")

@@ -39,6 +39,32 @@ def query_groups(args) -> int:
     return args.num_attention_heads
 
 
+def shape_problems(args, tp: int, pp: int) -> list[str]:
+    """Why a model with these args cannot be split at TP x PP (what megatron-core would refuse), or []."""
+    sizes = {"--num-layers": args.num_layers, "--hidden-size": args.hidden_size,
+             "--ffn-hidden-size": args.ffn_hidden_size, "--num-attention-heads": args.num_attention_heads,
+             "--num-query-groups": query_groups(args)}
+    bad = [f"{flag} {value} must be positive" for flag, value in sizes.items() if not value or value < 1]
+    if bad:
+        return bad
+    heads, groups = args.num_attention_heads, query_groups(args)
+    divisible = [(args.hidden_size, "--hidden-size", heads, "--num-attention-heads",
+                  getattr(args, "kv_channels", None) is None),
+                 (heads, "--num-attention-heads", groups, "--num-query-groups", True),
+                 (heads, "--num-attention-heads", tp, "tensor parallel size", True),
+                 (groups, "--num-query-groups", tp, "tensor parallel size", True),
+                 (args.ffn_hidden_size, "--ffn-hidden-size", tp, "tensor parallel size", True),
+                 (getattr(args, "padded_vocab_size", None) or tp, "padded vocabulary", tp, "tensor parallel size",
+                  True)]
+    problems = [f"{name} {n} is not divisible by {by_name} {by}" for n, name, by, by_name, needed in divisible
+                if needed and n % by]
+    uneven = getattr(args, "decoder_first_pipeline_num_layers", None) is not None or \
+        getattr(args, "decoder_last_pipeline_num_layers", None) is not None
+    if pp > args.num_layers or (args.num_layers % pp and not uneven):
+        problems.append(f"{args.num_layers} layers do not split into {pp} equal pipeline stages")
+    return problems
+
+
 def gated(args) -> bool:
     return bool(getattr(args, "swiglu", False))
 
