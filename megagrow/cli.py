@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-from megagrow.checkpoint.errors import CheckpointError
 
 
 def _human(n: float) -> str:
@@ -36,7 +35,10 @@ def cmd_inspect(a) -> int:
             print(f"  optimizer: {info['optimizer'] or 'none'}")
         print("  complete: yes" if info["complete"] else "  complete: NO\n" + "\n".join(
             f"    - {p}" for p in info["problems"]))
-    return 0 if info["complete"] else 1
+    if not info["complete"]:
+        print(f"error: {info['path']} is incomplete: {info['problems'][0]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_convert(a) -> int:
@@ -80,13 +82,45 @@ class _HelpWithOperators(argparse.Action):
 
 def cmd_plan(a, rest: list[str]) -> int:
     from megagrow.scheduling.plan import describe, dump_plan, make_plan
+    from megagrow.scheduling.timing import PlanError
     from megagrow.training.flags import from_argv
+
+    def checked_options() -> dict | None:
+        """The command's own flags, one line each naming the flag; the --policy-options object."""
+        for flag, value in (("--nproc", a.nproc), ("--lag", a.lag), ("--lag-groups", a.lag_groups),
+                            ("--stages", a.stages)):
+            if value is not None and value < 1:
+                raise PlanError(f"plan: {flag} must be at least 1, got {value}")
+        for flag, value in (("--train-tokens", a.train_tokens), ("--budget-flops", a.budget_flops)):
+            if value is not None and not value > 0:
+                raise PlanError(f"plan: {flag} must be positive, got {value:g}")
+        if not 0 < a.max_small_fraction <= 1:
+            raise PlanError(f"plan: --max-small-fraction must be in (0, 1], got {a.max_small_fraction:g}")
+        if a.output:
+            folder = os.path.dirname(os.path.abspath(a.output))
+            if os.path.isdir(a.output):
+                raise PlanError(f"plan: --output {a.output} is a directory (give the plan file to write)")
+            if not os.path.isdir(folder):
+                raise PlanError(f"plan: --output {a.output}: the folder {folder} does not exist")
+        if not a.policy_options:
+            return None
+        try:
+            options = json.loads(a.policy_options)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan: --policy-options is not JSON ({e.msg} at character {e.pos}): "
+                            f"{a.policy_options}") from None
+        if not isinstance(options, dict):
+            raise PlanError(f"plan: --policy-options must be a JSON object of stop-rule fields, got "
+                            f"{a.policy_options}")
+        return options
+
+    options = checked_options()  # this command's own flags, before any plan is made
     g = from_argv(rest)
     target, data = g.get("model", {}), g.get("data", {})
     training = {**g.get("training", {}), **g.get("logging", {}), **g.get("checkpointing", {})}
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
         if key not in target:
-            raise CheckpointError(f"plan: the target's --{key.replace('_', '-')} is required")
+            raise PlanError(f"plan: the target's --{key.replace('_', '-')} is required")
     training.setdefault("seq_length", target.pop("seq_length", 1024))
     target.pop("seq_length", None)
     training.setdefault("global_batch_size", training.get("micro_batch_size", 1))
@@ -95,12 +129,20 @@ def cmd_plan(a, rest: list[str]) -> int:
     vocab = data.get("vocab_size")
     if vocab is None and data.get("tokenizer_model"):
         from megagrow.data.tokenizer import build_tokenizer
-        vocab = build_tokenizer("GPTSentencePieceTokenizer", data["tokenizer_model"], None).vocab_size
+        kind = data.get("tokenizer_type") or "GPTSentencePieceTokenizer"
+        if kind == "NullTokenizer":
+            raise PlanError("plan: --tokenizer-type NullTokenizer needs --vocab-size")
+        try:
+            vocab = build_tokenizer(kind, data["tokenizer_model"], None, data.get("vocab_extra_ids", 0)).vocab_size
+        except (OSError, ValueError, RuntimeError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if os.path.isfile(data["tokenizer_model"]):
+                why = f"not a sentencepiece model ({why})"
+            raise PlanError(f"plan: --tokenizer-model {data['tokenizer_model']}: {why}") from None
     if vocab is None:
-        raise CheckpointError("plan: give --tokenizer-model or --vocab-size (FLOPs and sizes depend on it)")
+        raise PlanError("plan: give --tokenizer-model or --vocab-size (FLOPs and sizes depend on it)")
     parallel = {**g.get("parallelism", {}), "nproc": a.nproc}
     parallel.pop("distributed_backend", None)
-    options = json.loads(a.policy_options) if a.policy_options else None
     plan = make_plan(target, vocab, training, data, flops=a.budget_flops, tokens=a.train_tokens,
                      growth_factor=a.growth_factor, stages=a.stages, op=a.op, policy=a.policy,
                      max_small_fraction=a.max_small_fraction, parallel=parallel, policy_options=options,
@@ -168,8 +210,15 @@ def cmd_demo(a) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that says a usage mistake in one line (argparse's exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megagrow", description=__doc__)
+    p = _Parser(prog="megagrow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     ck = sub.add_parser("checkpoint", help="inspect and convert Megatron checkpoints").add_subparsers(
         dest="action", required=True)
@@ -204,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, type=int, default=None, help="width of the grown model")
     g.add_argument("--target-tp", type=int, default=None)
     g.add_argument("--target-pp", type=int, default=None)
-    g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default=None)
+    g.add_argument("--ckpt-format", default=None, help="torch or torch_dist (default: the source's)")
     g.add_argument("--seed", type=int, default=None, help="for new random parameters (default: the run's --seed)")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="learn: data to fit the growth maps on (default: the checkpoint's --data-path)")
@@ -282,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if rest and not getattr(args, "takes_rest", False):
         print(f"error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
@@ -291,16 +340,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 1
-    from megagrow.errors import MegagrowError
     from megagrow.launching.job_step import Interrupted
     try:
         return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
-    except MegagrowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 143
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megagrow.entry import guarded
+    return guarded(lambda: _main(argv), all_ranks_agree=False)
 
 
 if __name__ == "__main__":

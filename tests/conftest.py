@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +23,28 @@ def run_tool(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and out.returncode != 0:
         raise AssertionError(f"{argv} failed:\n{out.stdout}\n{out.stderr}")
     return out
+
+
+def write_indexed(prefix, documents: int = 1000) -> None:
+    """A Megatron indexed dataset (.idx and .bin, written by megatron-core's builder) of `documents` two-token
+    documents: enough for every split of the default --split 969,30,1 to get tokens."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for _ in range(documents):
+        builder.add_item(torch.zeros(2, dtype=torch.int32))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+
+
+def write_tokenizer(path) -> None:
+    """A real (tiny) sentencepiece model, for checks that open the tokenizer a plan or a flag names."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([f"the quick brown fox {i}" for i in range(100)]),
+                                   model_writer=model, vocab_size=32, model_type="char", minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
 
 
 @pytest.fixture(scope="session")

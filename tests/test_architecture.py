@@ -95,8 +95,11 @@ def test_a_launcher_is_one_class_and_one_registration(tmp_path, capsys):
         target = {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4}
         stages = [Stage("2l", model={"num_layers": 2}, stop={"policy": "iters", "iteration": 4}, parallel={"nproc": 2}),
                   Stage("4l", grow={"op": "stack:g=2"}, stop={"policy": "flops"}, parallel={"nproc": 1})]
+        from conftest import write_indexed
+        write_indexed(tmp_path / "corpus")
         plan = Plan(target, {}, {"global_batch_size": 8, "micro_batch_size": 2, "seq_length": 32, "lr": 1e-3},
-                    {"tokenizer_type": "NullTokenizer", "vocab_size": 512}, stages, vocab_size=512)
+                    {"data_path": str(tmp_path / "corpus"), "tokenizer_type": "NullTokenizer", "vocab_size": 512},
+                    stages, vocab_size=512)
         plan.budget = {"flops": 4 * plan.step_flops(stages[0]) + 4 * plan.step_flops()}
         path = tmp_path / "plan.yaml"
         path.write_text(dump_plan(plan))

@@ -143,7 +143,7 @@ def test_grow_refuses_bad_input_in_one_line(small, tmp_path):
                          (["--op", "bogus", "--num-layers", "9"], "unknown operator"),
                          (["--op", "zero", "--num-layers", "5"], "must exceed"),
                          (["--op", "stack:g=2", "--target-pp", "5"], "12 layers do not split into 5"),
-                         (["--op", "stack:g=2", "--target-tp", "3"], "not divisible by 3"),
+                         (["--op", "stack:g=2", "--target-tp", "3"], "not divisible by tensor parallel size 3"),
                          (["--op", "stack:g=2", "--num-layers", "12", "--hidden-size", "128"], "two steps"),
                          (["--op", "fpi", "--hidden-size", "96"], "not a whole multiple of 64"),
                          (["--op", "zero", "--hidden-size", "32"], "cannot shrink"),

@@ -29,9 +29,13 @@ def render(script, tmp_path, **env) -> list[str]:
     (fake / "srun").write_text('#!/bin/bash\necho "srun $*"\n')  # a job step's command line, not run
     (fake / "srun").chmod(0o755)
     path = f"{fake}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
+    from conftest import write_indexed, write_tokenizer  # the dry run checks the data it names
+    write_indexed(tmp_path / "corpus")
+    write_tokenizer(tmp_path / "tok.model")
     out = subprocess.run(["bash", script], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, **ALLOCATION, "PATH": path, "MEGAGROW_DRY_RUN": "1",
-                              "RUN": str(tmp_path / "run"), **env})
+                              "RUN": str(tmp_path / "run"), "DATA": str(tmp_path / "corpus"),
+                              "TOKENIZER": str(tmp_path / "tok.model"), **env})
     assert out.returncode == 0, out.stdout + out.stderr
     return [line for line in out.stdout.splitlines() if line.startswith("srun ")]
 
@@ -52,7 +56,7 @@ def test_staged_scripts_fit_the_allocation(script, tmp_path):
         nodelist = set(range(int(flag(cmd, "relative")), int(flag(cmd, "relative")) + nodes))  # allocation indices
         assert ntasks == nodes * per_node and max(nodelist) < 4 and per_node <= 8, cmd
         tp, pp = int(flag(cmd, "tensor-model-parallel-size", 1)), int(flag(cmd, "pipeline-model-parallel-size", 1))
-        assert ntasks % (tp * pp) == 0, line
+        assert ntasks % (tp * pp) == 0, cmd
         dp = ntasks // (tp * pp)
         assert int(flag(cmd, "global-batch-size")) % (int(flag(cmd, "micro-batch-size")) * dp) == 0
         assert "--exclusive" in cmd and "pretrain_gpt.py" in cmd and flag(cmd, "gpus-per-node") == str(per_node)

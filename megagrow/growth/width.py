@@ -203,11 +203,11 @@ class WidthOperator(Operator):
                            ("--num-query-groups", q, Q)):
             if n < o:
                 raise GrowthError(f"{name} {n} is smaller than the model's {o}: growth cannot shrink")
-        if H % A:  # what the trainer (and Megatron-LM without --kv-channels) requires of every model
-            raise GrowthError(f"--hidden-size {H} is not divisible by --num-attention-heads {A}")
         if A % Q or A // Q != a // q:
             raise GrowthError(f"--num-attention-heads {A} / --num-query-groups {Q} must keep {a // q} heads per "
                               "query group (width growth adds whole query groups)")
+        if H % A:  # what the trainer (and Megatron-LM without --kv-channels) requires of every model
+            raise GrowthError(f"--hidden-size {H} is not divisible by --num-attention-heads {A}")
         if (H, F, A) == (h, f, a):
             raise GrowthError("width growth: no size grows (give a larger --hidden-size, --ffn-hidden-size or heads)")
         self.check(old, new)

@@ -21,6 +21,7 @@ from megagrow.launching.job_step import Interrupted, JobStep, kill_stale
 from megagrow.model.shape import WIDTH_FIELDS
 from megagrow.runs.directory import RunDir, StageDir
 from megagrow.scheduling.plan import Plan, Stage, dump_plan, load_plan
+from megagrow.scheduling.preflight import preflight
 from megagrow.scheduling.timing import PlanError, StopRule, fit_loss_law
 from megagrow.training.flags import to_argv
 
@@ -42,8 +43,13 @@ class Driver:
         self.total = sum(self.plan.planned_iterations())
         self.printed: list[str] | None = None  # a dry run's lines; None: really run
 
-    def prepare(self) -> None:
-        """Claim the run directory: the same plan or none; no ranks of an earlier driver still running."""
+    def prepare(self, claim: bool = True, baseline: bool = False) -> None:
+        """Check every stage as its processes will (scheduling.preflight: data, tokenizer, the trainer's own
+        validation of each stage's flags, room in the launcher), then, with `claim`, claim the run directory:
+        the same plan or none; no ranks of an earlier driver still running. A dry run checks, claims nothing."""
+        preflight(self, baseline)
+        if not claim:
+            return
         text, saved = dump_plan(self.plan), self.run_dir.read_plan_text()
         if saved is None:
             self.run_dir.write_plan_text(text)
@@ -67,7 +73,7 @@ class Driver:
             step.signal(signal.SIGTERM)
 
     def run(self, baseline: bool = False) -> dict:
-        self.prepare()
+        self.prepare(baseline=baseline)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         self._walk(baseline)
@@ -76,6 +82,7 @@ class Driver:
 
     def dry_run(self, baseline: bool = False) -> list[str]:
         """The shell lines a run from here would execute, in order (comments name the stage)."""
+        self.prepare(claim=False, baseline=baseline)
         self.printed = []
         self._walk(baseline)
         return self.printed
@@ -127,7 +134,9 @@ class Driver:
                 self.finished(slot)
         return (len(probing.specs) - 1) * probing.k * flops
 
-    def rule(self, index: int, start: int, lag_overhead: float) -> StopRule:
+    def rule(self, index: int, start: int, lag_overhead: float, fit_law: bool = True) -> StopRule:
+        """The stage's stop rule from `start`; `fit_law=False`: an ecr stage without a law gets a placeholder
+        one instead of a probe run fitting it (the preflight's rule, which only renders the command line)."""
         stage = self.plan.stages[index]
         extra = {"start": start}
         policy = stage.stop["policy"]
@@ -137,7 +146,8 @@ class Driver:
             nxt = self.plan.stages[index + 1]
             extra["flops_ratio"] = self.plan.step_flops(stage) / self.plan.step_flops(nxt)
             if "law" not in stage.stop:
-                extra["law"] = self.probe_law(nxt, int(stage.stop.get("probe_iters", 50)))
+                extra["law"] = self.probe_law(nxt, int(stage.stop.get("probe_iters", 50))) if fit_law \
+                    else dict(_PLACEHOLDER_LAW)
         return StopRule.from_plan({k: v for k, v in stage.stop.items() if k != "probe_iters"},
                                   self.plan.tokens_per_iteration, **extra)
 

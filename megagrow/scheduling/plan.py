@@ -92,7 +92,8 @@ class Plan:
         last = self.model_args(self.stages[-1])
         for key, value in self.target.items():
             if getattr(last, key, value) != value:
-                raise PlanError(f"the last stage's {key} ({getattr(last, key)}) is not the target's ({value})")
+                raise PlanError(f"stages[{len(self.stages) - 1}].model.{key}: the last stage's {key} "
+                                f"({getattr(last, key)}) is not the target's ({value})")
 
 
 def load_plan(path: str) -> Plan:

@@ -5,7 +5,9 @@ Every problem is one PlanError naming its key path, e.g.
 Flag dicts (target, training, data, a stage's model and parallel) take Megatron-LM's flag names, checked
 against the trainer's parser (its types and choices); stop rules against the stop-rule fields; growth
 operators against the operator registry, including whether they turn the previous stage's shape into
-this one; shapes against each stage's tensor and pipeline parallel sizes.
+this one; shapes against each stage's tensor and pipeline parallel sizes. What needs the machine (data and
+tokenizer files, the trainer's own validation of each stage's flags, room in the launcher) is
+scheduling.preflight's, run by the driver before stage 0.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ GROW_SELECT = {"select": str, "k": int, "candidates": (list, type(None)), "space
                "time_limit": (int, float, type(None)), "parallel": (dict, type(None))}
 STOP_EXTRA = {"tokens": (int, float), "evidence": dict, "probe_iters": int}
 _NUMBER = (int, float)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a stage's folder is stage<i>_<name>
+# Flags that count something: 0 or less is a plan that cannot train, said at the plan's key.
+_AT_LEAST_1 = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+               "kv_channels", "seq_length", "max_position_embeddings", "make_vocab_size_divisible_by",
+               "micro_batch_size", "global_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+               "log_interval", "eval_interval", "save_interval", "vocab_size")
+# Flags `training` may not set: a stage's shape is the target's plus its `model`, its layout its `parallel`
+# (seq_length is the one shape flag every stage shares; the backend is the machine's).
+_STAGE_GROUPS = ("model", "parallelism")
+_SHARED = ("seq_length", "distributed_backend")
 
 
 def _type_name(t) -> str:
@@ -75,15 +87,43 @@ def _flags(value: dict, table: dict[str, argparse.Action], path: str) -> None:
             raise PlanError(f"{path}.{key}: expected {_type_name(want)}, got {v!r}")
         if action.choices and v is not None and v not in action.choices:
             raise PlanError(f"{path}.{key}: {v!r} is not one of {', '.join(map(str, action.choices))}")
+        if key in _AT_LEAST_1 and v is not None and v < 1:
+            raise PlanError(f"{path}.{key}: must be at least 1, got {v!r}")
 
 
-def _stop(stop: dict, path: str, last: bool) -> None:
-    allowed = {**{f.name: (int, float, dict, str, type(None)) for f in fields(StopRule) if f.name != "start"},
+def _field_types(annotation: str) -> tuple:
+    """A StopRule field's annotation ('int | None', 'float', 'dict') as the plan types it accepts."""
+    names = {"int": (int,), "float": _NUMBER, "dict": (dict,), "str": (str,), "None": (type(None),)}
+    return tuple(t for part in str(annotation).split("|") for t in names.get(part.strip(), _NUMBER + (str, dict)))
+
+
+def _stop(stop: dict, path: str, last: bool, after: int) -> None:
+    """`after`: the iteration the previous stage ends at when the plan fixes it (0 for the first stage)."""
+    allowed = {**{f.name: _field_types(f.type) for f in fields(StopRule) if f.name != "start"},
                **STOP_EXTRA, "policy": str}
     _keys(stop, allowed, path, required=("policy",))
     if stop["policy"] not in STOP_RULES:
         raise PlanError(f"{path}.policy: unknown stop rule {stop['policy']!r}; expected one of "
                         f"{', '.join(STOP_RULES.names())}")
+    for key, least in (("window", 2), ("patience", 1), ("probe_iters", 4), ("max_iteration", 1)):
+        if stop.get(key) is not None and stop[key] < least:
+            why = {"window": " (a slope needs two evaluations)",
+                   "probe_iters": " (the loss law is fitted on at least 4 evaluations)"}.get(key, "")
+            raise PlanError(f"{path}.{key}: must be at least {least}{why}, got {stop[key]!r}")
+    for key in ("flops", "tokens", "flops_ratio", "threshold"):
+        if stop.get(key) is not None and not stop[key] > 0:
+            raise PlanError(f"{path}.{key}: must be positive, got {stop[key]!r}")
+    for key in ("iteration", "max_iteration"):
+        if stop.get(key) is not None and stop[key] <= after:
+            raise PlanError(f"{path}.{key}: {stop[key]} is not after iteration {after}, where the stage starts "
+                            "(iterations count on through the run)")
+    if stop.get("law") is not None:
+        law = stop["law"]
+        if sorted(law) != ["a", "b", "c"] or not all(_is(law[k], _NUMBER) for k in law):
+            raise PlanError(f"{path}.law: expected {{a: number, b: number, c: number}} (L(n) = a n^-b + c), "
+                            f"got {law!r}")
+        if not (law["a"] > 0 and law["b"] > 0):
+            raise PlanError(f"{path}.law: a and b must be positive, got {law!r}")
     runtime = {"flops": 1.0, "flops_ratio": 1.0, "law": stop.get("law", {"a": 1, "b": 1, "c": 0}), "iteration": 0}
     fixed = {k: v for k, v in stop.items() if k not in ("probe_iters",)}
     try:
@@ -95,17 +135,38 @@ def _stop(stop: dict, path: str, last: bool) -> None:
 
 
 def _divides(shape, parallel: dict, path: str) -> None:
+    """What megatron-core needs of a shape split over the stage's TP x PP, on `nproc` processes."""
     tp, pp = parallel.get("tensor_model_parallel_size", 1), parallel.get("pipeline_model_parallel_size", 1)
-    for what, size in (("num_attention_heads", shape.num_attention_heads), ("num_query_groups", shape.num_query_groups),
+    nproc = parallel.get("nproc", 1)
+    if nproc < 1:
+        raise PlanError(f"{path}.nproc: must be at least 1, got {nproc}")
+    heads, groups = shape.num_attention_heads, shape.num_query_groups
+    for what, size in (("num_attention_heads", heads), ("num_query_groups", groups),
                        ("ffn_hidden_size", shape.ffn_hidden_size)):
         if size % tp:
             raise PlanError(f"{path}.tensor_model_parallel_size: {tp} does not divide the stage's {what} {size}")
     if shape.num_layers % pp:
         raise PlanError(f"{path}.pipeline_model_parallel_size: {pp} does not divide the stage's "
                         f"{shape.num_layers} layers")
-    nproc = parallel.get("nproc", 1)
     if nproc % (tp * pp):
         raise PlanError(f"{path}.nproc: {nproc} processes are not a multiple of TP x PP = {tp * pp}")
+
+
+def _shape(shape, where, explicit_kv: bool) -> None:
+    """A shape megatron-core can build at all, before any split; `where(key)`: the key path that sets it."""
+    heads, groups = shape.num_attention_heads, shape.num_query_groups
+    if not explicit_kv and shape.hidden_size % heads:
+        raise PlanError(f"{where('num_attention_heads')}: {heads} does not divide the stage's hidden_size "
+                        f"{shape.hidden_size} (or give kv_channels)")
+    if heads % groups:
+        raise PlanError(f"{where('num_query_groups')}: {groups} does not divide the stage's num_attention_heads "
+                        f"{heads}")
+
+
+def _parallel(parallel: dict, path: str) -> None:
+    _flags({k: v for k, v in parallel.items() if k != "nproc"}, _flag_table(("parallelism",)), path)
+    if not _is(parallel.get("nproc", 1), int):
+        raise PlanError(f"{path}.nproc: expected an integer, got {parallel['nproc']!r}")
 
 
 def _grow(grow: dict, path: str, old, new) -> None:
@@ -115,10 +176,28 @@ def _grow(grow: dict, path: str, old, new) -> None:
         _keys(grow, GROW_SELECT, path, required=("k",))
         if grow["select"] != "lag":
             raise PlanError(f"{path}.select: unknown selection {grow['select']!r}; expected lag")
+        for key in ("k", "groups"):
+            if grow.get(key, 1) < 1:
+                raise PlanError(f"{path}.{key}: must be at least 1, got {grow[key]!r}")
+        if grow.get("time_limit") is not None and not grow["time_limit"] > 0:
+            raise PlanError(f"{path}.time_limit: must be positive (seconds), got {grow['time_limit']!r}")
+        if grow.get("space", True) not in (True, False, "dup"):
+            raise PlanError(f"{path}.space: expected true, false or dup, got {grow['space']!r}")
         specs = list(grow.get("candidates") or [])
+        if not all(isinstance(spec, str) for spec in specs):
+            raise PlanError(f"{path}.candidates: expected operator specs (strings), got {specs!r}")
         if not specs and not grow.get("space", True):
             raise PlanError(f"{path}: no candidates (give `space: true` or `candidates: [...]`)")
+        if grow.get("space", not specs):
+            from megagrow.lag.probe import design_space
+            try:
+                design_space(old.num_layers, new.num_layers)
+            except MegagrowError as e:
+                raise PlanError(f"{path}.space: {e}") from None
         where = [f"{path}.candidates[{i}]" for i in range(len(specs))]
+        if grow.get("parallel") is not None:
+            _parallel(grow["parallel"], f"{path}.parallel")
+            _divides(new, grow["parallel"], f"{path}.parallel")
     else:
         _keys(grow, GROW_OP, path, required=("op",))
         specs, where = [grow["op"]], [f"{path}.op"]
@@ -149,33 +228,55 @@ def check_plan(raw) -> None:
     model_flags, all_flags = _flag_table(("model",)), _flag_table(None)
     _flags(raw["target"], model_flags, "target")
     _flags(raw["training"], all_flags, "training")
+    stage_only = _flag_table(_STAGE_GROUPS)
+    for key in raw["training"]:
+        if key in stage_only and key not in _SHARED:
+            where = "target or a stage's model" if key in model_flags else "a stage's parallel"
+            raise PlanError(f"training.{key}: set it in {where} (every stage's shape and layout come from there)")
     _flags(raw["data"], _flag_table(("data",)), "data")
     _keys(raw["budget"], BUDGET, "budget", required=("flops",))
+    for key in BUDGET:
+        if key in raw["budget"] and not raw["budget"][key] > 0:
+            raise PlanError(f"budget.{key}: must be positive, got {raw['budget'][key]!r}")
+    if raw["vocab_size"] < 1:
+        raise PlanError(f"vocab_size: must be at least 1, got {raw['vocab_size']!r}")
     for key in ("global_batch_size", "seq_length", "micro_batch_size", "lr"):
         if key not in raw["training"]:
             raise PlanError(f"training.{key}: missing")
     if not raw["stages"]:
         raise PlanError("stages: the plan has no stages")
-    previous = None
+    previous, after, names = None, 0, set()
     for i, stage in enumerate(raw["stages"]):
         path = f"stages[{i}]"
         if not isinstance(stage, dict):
             raise PlanError(f"{path}: expected a mapping, got {stage!r}")
         _keys(stage, STAGE, path, required=("name",))
-        _flags(stage.get("model", {}), model_flags, f"{path}.model")
+        if not _NAME.fullmatch(stage["name"]):
+            raise PlanError(f"{path}.name: {stage['name']!r} is not a folder name (letters, digits, . _ -)")
+        if stage["name"] in names:
+            raise PlanError(f"{path}.name: {stage['name']!r} names an earlier stage too")
+        names.add(stage["name"])
+        model = stage.get("model", {})
+        _flags(model, model_flags, f"{path}.model")
         _keys(stage.get("lr", {}), LR, f"{path}.lr")
         if stage.get("lr", {}).get("schedule", "continue") not in LR_SCHEDULES:
             raise PlanError(f"{path}.lr.schedule: {stage['lr']['schedule']!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if stage.get("lr", {}).get("warmup_iters", 0) < 0:
+            raise PlanError(f"{path}.lr.warmup_iters: must be at least 0, got {stage['lr']['warmup_iters']!r}")
         parallel = stage.get("parallel", {"nproc": 1})
-        _flags({k: v for k, v in parallel.items() if k != "nproc"}, _flag_table(("parallelism",)), f"{path}.parallel")
-        if not _is(parallel.get("nproc", 1), int):
-            raise PlanError(f"{path}.parallel.nproc: expected an integer, got {parallel['nproc']!r}")
-        _stop(stage.get("stop", {"policy": "flops"}), f"{path}.stop", i == len(raw["stages"]) - 1)
+        _parallel(parallel, f"{path}.parallel")
+        stop = stage.get("stop", {"policy": "flops"})
+        _stop(stop, f"{path}.stop", i == len(raw["stages"]) - 1, after)
+        if stop.get("iteration") is not None and "iteration" in STOP_RULES.get(stop["policy"]).needs:
+            after = stop["iteration"]  # a fixed end: the next stage starts there
+        flags = {**raw["target"], **model}
         try:
-            shape = ModelShape.from_flags({**raw["target"], **stage.get("model", {})},
-                                          seq_length=raw["training"]["seq_length"], vocab_size=raw["vocab_size"])
+            shape = ModelShape.from_flags(flags, seq_length=raw["training"]["seq_length"],
+                                          vocab_size=raw["vocab_size"])
         except (TypeError, ValueError, ZeroDivisionError) as e:
             raise PlanError(f"{path}.model: {e}") from None
+        _shape(shape, lambda key: f"{path}.model.{key}" if key in model else f"target.{key}",
+               flags.get("kv_channels") is not None)
         _divides(shape, parallel, f"{path}.parallel")
         grow = normalized_grow(stage.get("grow"))
         if i and not grow:
