@@ -4,15 +4,18 @@ A known error (MegagrowError, or an OS error such as no space left / permission 
 which names its path) is one line `error: ...` and exit code 1. Anything else is a bug or an
 unforeseen fault: one line naming it and the log file that holds the full traceback
 (`MEGAGROW_DEBUG=1` prints the traceback instead). Under torchrun only rank 0 prints a known error,
-so a mistake every rank sees is said once rather than as a wall of identical lines.
+so a mistake every rank sees is said once rather than as a wall of identical lines (the other ranks wait
+for the launcher to stop them once rank 0 has exited).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import tempfile
+import time
 import traceback
 from typing import Callable
 
@@ -57,6 +60,13 @@ def report_unexpected(e: BaseException) -> str:
            f"MEGAGROW_DEBUG=1 prints it)"
 
 
+def _wait_for_rank_zero(seconds: float = 5.0) -> None:
+    """Leave the line to rank 0: the launcher stops this rank once rank 0 has exited with it. A rank exiting
+    first would have the launcher stop rank 0 before it printed. Still here after `seconds`: say it too."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the trainer's requeue handler must not outlive the run
+    time.sleep(seconds)
+
+
 def guarded(main: Callable[[], int | None], all_ranks_agree: bool = True) -> int:
     """Run `main` and turn whatever escapes it into an exit code and at most one line per process.
 
@@ -67,8 +77,9 @@ def guarded(main: Callable[[], int | None], all_ranks_agree: bool = True) -> int
         code = main()
         return 0 if code is None else int(code)
     except MegagrowError as e:
-        if not all_ranks_agree or _rank() == 0:
-            _say(str(e))
+        if all_ranks_agree and _rank() != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _wait_for_rank_zero()
+        _say(str(e))
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

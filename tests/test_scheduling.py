@@ -5,7 +5,7 @@ import math
 import pytest
 import yaml
 
-from conftest import run_tool
+from conftest import run_tool, write_indexed
 
 from megagrow.scheduling.plan import describe, dump_plan, load_plan, make_plan
 from megagrow.scheduling.timing import LossLaw, PlanError, StopRule, fit_loss_law, gstack_small_tokens, slope
@@ -131,8 +131,7 @@ def test_wsd_schedule_holds_then_decays_over_its_last_iterations(tmp_path):
              "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "20", "--lr", "1e-3",
              "--min-lr", "1e-4", "--lr-decay-style", "WSD", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64",
              "--data-path", str(tmp_path / "d")]
-    for ext in ("bin", "idx"):
-        (tmp_path / f"d.{ext}").write_bytes(b"")
+    write_indexed(tmp_path / "d")
     with pytest.raises(ArgumentError, match="needs --lr-wsd-decay-iters"):
         parse_args(flags, world_size=1)
     args = parse_args(flags + ["--lr-wsd-decay-iters", "5", "--lr-wsd-decay-style", "linear"], world_size=1)

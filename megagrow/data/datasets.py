@@ -17,40 +17,22 @@ from __future__ import annotations
 import contextlib
 import os
 
-import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import (
-    convert_split_vector_to_split_matrix, parse_and_normalize_split)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
+
+from megagrow.data.indexed import check_split
 
 
 def _check_data(prefixes: list[str], split: str) -> None:
-    """Fail clearly on a missing prefix, or on a split that would get no tokens.
-
-    megatron-core loops forever computing epochs for a split whose documents hold no tokens
-    (e.g. "969,30,1" on a corpus of a few hundred documents gives the test split none).
-    """
+    """Fail clearly on a missing prefix, a corrupt .idx/.bin pair, or a split that would get no tokens
+    (megagrow.data.indexed: the same checks the trainer's arguments make)."""
     for prefix in prefixes:
         if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
             raise FileNotFoundError(f"data path not found: {prefix} (expected {prefix}.bin and {prefix}.idx)")
-    # The same document ranges megatron-core's builder will take for each split.
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for prefix in prefixes:
-        # Keep `indexed` referenced while `lengths` is used: IndexedDataset unmaps its file when it is
-        # collected, and reading a view of it afterwards segfaults.
-        indexed = IndexedDataset(prefix, mmap=True)
-        lengths = indexed.sequence_lengths
-        for name, bounds in zip(("train", "valid", "test"), matrix):
-            if bounds is None:
-                continue
-            beg, end = (int(round(b * len(lengths))) for b in bounds)
-            if int(np.sum(lengths[beg:end], dtype=np.int64)) == 0:
-                raise ValueError(f"--split {split} leaves the {name} split of {prefix} ({len(lengths)} "
-                                 f"documents) without tokens: use more data or another split")
-        del indexed
+        check_split(prefix, split)
 
 
 def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int, tokenizer,

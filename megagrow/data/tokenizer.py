@@ -133,6 +133,20 @@ class MegatronLMSentencePiece:
         return "".join(out + [self._sp.decode_ids(run)])
 
 
+def sentencepiece_problem(model_file: str) -> str | None:
+    """Why `model_file` does not load as a sentencepiece model, or None (cheap: it only parses the model)."""
+    import sentencepiece as spm
+
+    if os.path.getsize(model_file) == 0:
+        return "an empty file"
+    try:
+        spm.SentencePieceProcessor(model_file=model_file)
+    except (RuntimeError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return "sentencepiece: " + re.sub(r"^INTERNAL: | from \S+$", "", reason)
+    return None
+
+
 # Megatron-LM's --tokenizer-type names that megagrow builds (each with Megatron-LM's vocabulary).
 TOKENIZER_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "NullTokenizer")
 

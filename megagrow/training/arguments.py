@@ -8,6 +8,7 @@ seconds with a message rather than in a collective minutes later.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from megagrow.data.tokenizer import TOKENIZER_TYPES
@@ -75,6 +76,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this many iterations (for tests and requeue)")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM or SIGUSR1 (scancel, a SLURM time-limit warning), save a checkpoint and exit")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad",
+                   help="as Megatron-LM: by default a NaN or Inf loss or gradient norm stops the run (nothing "
+                        "of that iteration is saved); this flag trains on")
     g = p.add_argument_group("growth stages (megagrow)")
     g.add_argument("--growth-plan", default=None, help="run a staged plan (YAML, `megagrow plan`) from this entry point")
     g.add_argument("--stage-stop", default=None,
@@ -137,9 +141,14 @@ def _add_logging_args(p: argparse.ArgumentParser) -> None:
                    help="megagrow: append one JSON line per iteration and evaluation (full-precision losses)")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A flag argparse cannot read is one line too (argparse would print its whole usage, exit 2)."""
+        raise ArgumentError(f"{message} (pretrain_gpt.py --help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="megagrow GPT pre-training (Megatron-LM flags)",
-                                allow_abbrev=False)
+    p = _Parser(description="megagrow GPT pre-training (Megatron-LM flags)", allow_abbrev=False)
     for add in (_add_model_args, _add_training_args, _add_parallel_args, _add_data_args,
                 _add_checkpoint_args, _add_logging_args):
         add(p)
@@ -151,12 +160,149 @@ def _require(cond: bool, message: str) -> None:
         raise ArgumentError(message)
 
 
+# Sizes, counts and intervals with the least value each can take (an optional one left unset is fine).
+AT_LEAST = {1: ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups",
+                "--kv-channels", "--seq-length", "--max-position-embeddings", "--micro-batch-size",
+                "--global-batch-size", "--train-iters", "--lr-decay-iters", "--lr-wsd-decay-iters",
+                "--lr-wsd-decay-samples", "--exit-interval", "--tensor-model-parallel-size",
+                "--pipeline-model-parallel-size", "--log-interval", "--eval-interval", "--save-interval",
+                "--make-vocab-size-divisible-by", "--vocab-size", "--rotary-base"),
+            0: ("--eval-iters", "--lr-warmup-iters", "--vocab-extra-ids", "--restart-lr-schedule-at", "--seed")}
+# Real-valued flags: finite and inside an interval, written as in the message.
+RANGES = {"--lr": "[0, inf)", "--min-lr": "[0, inf)", "--lr-warmup-init": "[0, inf)", "--weight-decay": "[0, inf)",
+          "--clip-grad": "[0, inf)", "--adam-eps": "[0, inf)", "--adam-beta1": "[0, 1)", "--adam-beta2": "[0, 1)",
+          "--hidden-dropout": "[0, 1]", "--attention-dropout": "[0, 1]", "--init-method-std": "[0, inf)",
+          "--norm-epsilon": "[0, inf)", "--rotary-percent": "(0, 1]"}
+# Where a run writes, and what each must be: checked before anything is written.
+OUTPUTS = {"--save": "directory", "--tensorboard-dir": "directory", "--data-cache-path": "directory",
+           "--metrics-file": "file", "--stage-decision-file": "file"}
+READ_ONLY_OK = ("--data-cache-path",)  # an index cache that exists is only read
+
+
+def _dest(flag: str) -> str:
+    return {"--norm-epsilon": "layernorm_epsilon"}.get(flag, flag[2:].replace("-", "_"))
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for least, flags in AT_LEAST.items():
+        for flag in flags:
+            value = getattr(args, _dest(flag))
+            _require(value is None or value >= least, f"{flag} {value}: must be {'positive' if least else '0 or more'}")
+    for flag, spec in RANGES.items():
+        value = getattr(args, _dest(flag))
+        low, high = (float(x) for x in spec[1:-1].split(", "))
+        inside = ((low < value if spec[0] == "(" else low <= value)
+                  and (value < high if spec[-1] == ")" else value <= high))
+        _require(math.isfinite(value) and inside, f"{flag} {value:g}: must be a number in {spec}")
+
+
+def _check_output(flag: str, path: str, kind: str) -> None:
+    if os.path.exists(path):
+        _require(os.path.isdir(path) == (kind == "directory"), f"{flag} {path}: exists and is not a {kind}")
+        _require(flag in READ_ONLY_OK or os.access(path, os.W_OK), f"{flag} {path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    _require(os.path.isdir(parent), f"{flag} {path}: cannot be created ({parent} is a file)")
+    _require(os.access(parent, os.W_OK), f"{flag} {path}: cannot be created ({parent} is not writable)")
+
+
+def _check_schedule(a: argparse.Namespace) -> None:
+    """What megatron-core's OptimizerParamScheduler asserts, said beforehand in Megatron-LM's flag names."""
+    decay, name = (a.lr_decay_iters, "--lr-decay-iters") if a.lr_decay_iters else (a.train_iters, "--train-iters")
+    _require(a.lr >= a.min_lr, f"--lr {a.lr:g} is below --min-lr {a.min_lr:g}")
+    _require(a.lr_warmup_init <= a.lr, f"--lr-warmup-init {a.lr_warmup_init:g} exceeds --lr {a.lr:g}")
+    _require(a.lr_warmup_iters < decay, f"--lr-warmup-iters {a.lr_warmup_iters} must be below {name} {decay} "
+                                        "(the LR decays over those iterations, after its warmup)")
+    if a.lr_decay_style != "WSD":
+        return
+    _require(a.lr_wsd_decay_iters is not None or a.lr_wsd_decay_samples is not None,
+             "--lr-decay-style WSD needs --lr-wsd-decay-iters or --lr-wsd-decay-samples (its final decay)")
+    if a.lr_wsd_decay_iters is not None:
+        _require(a.lr_wsd_decay_iters <= decay, f"--lr-wsd-decay-iters {a.lr_wsd_decay_iters} exceeds {name} {decay} "
+                                                "(the final decay is their last part)")
+    else:
+        _require(a.lr_wsd_decay_samples <= decay * a.global_batch_size,
+                 f"--lr-wsd-decay-samples {a.lr_wsd_decay_samples} exceeds {name} {decay} x --global-batch-size "
+                 f"{a.global_batch_size} (the final decay is their last part)")
+
+
+def _data_prefixes(data_path: list[str]) -> list[str]:
+    """Megatron-LM's --data-path: `prefix ...`, or a blend `weight prefix weight prefix ...`."""
+    def weight(text: str) -> float | None:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    weights = [weight(w) for w in data_path[::2]]
+    if len(data_path) == 1 or all(w is None for w in weights):
+        return data_path
+    _require(len(data_path) % 2 == 0 and None not in weights,
+             f"--data-path {' '.join(data_path)}: expected prefixes, or weights and prefixes in turn "
+             "(weight prefix weight prefix ...)")
+    for w in weights:
+        _require(math.isfinite(w) and w > 0, f"--data-path: weight {w:g} must be positive")
+    return data_path[1::2]
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    from megagrow.data.indexed import check_split, split_matrix
+    _require(bool(args.data_path), "--data-path is required")
+    prefixes = _data_prefixes(args.data_path)
+    for prefix in prefixes:
+        _require(os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"),
+                 f"data path not found: {prefix} (expected {prefix}.bin and {prefix}.idx)")
+    train, valid, _ = split_matrix(args.split)
+    _require(train is not None, f"--split {args.split} leaves no training split")
+    _require(valid is not None or not args.eval_iters,
+             f"--split {args.split} leaves no validation split to evaluate on (pass --eval-iters 0)")
+    for prefix in prefixes:
+        check_split(prefix, args.split)  # the index and the .bin agree, and every split gets tokens
+
+
+def _check_tokenizer(args: argparse.Namespace) -> None:
+    if args.tokenizer_type is None:
+        args.tokenizer_type = "GPTSentencePieceTokenizer" if args.tokenizer_model else "NullTokenizer"
+    if args.tokenizer_type == "NullTokenizer":
+        _require(args.vocab_size is not None, "--vocab-size is required with NullTokenizer")
+        return
+    _require(bool(args.tokenizer_model), f"--tokenizer-model is required with {args.tokenizer_type}")
+    _require(os.path.isfile(args.tokenizer_model), f"tokenizer model not found: {args.tokenizer_model}")
+    from megagrow.data.tokenizer import sentencepiece_problem
+    problem = sentencepiece_problem(args.tokenizer_model)
+    _require(problem is None, f"--tokenizer-model {args.tokenizer_model}: not a sentencepiece model ({problem})")
+
+
+def _check_load(root: str, same_as_save: bool) -> None:
+    """A --load that every rank reads the same way: an incomplete or unreadable checkpoint (a truncated
+    shard, an empty common.pt) is the same one line on every rank before any rank loads, rather than
+    an EOFError on one rank and lost connections on the others. Metadata and file sizes only."""
+    from megagrow.checkpoint.errors import CheckpointError, read_tracker
+    from megagrow.checkpoint.io import check_loadable, check_source, open_checkpoint
+    check_loadable(root, same_as_save=same_as_save)
+    if read_tracker(root) is None:
+        return  # `--load X --save X` on a fresh X
+    try:
+        view = open_checkpoint(root)
+        try:
+            check_source(view, with_optimizer=False)
+        finally:
+            view.close()
+    except CheckpointError as e:
+        message = str(e)
+        if not message.startswith("--load"):  # name the flag; the files by their place in the checkpoint
+            message = f"--load {root}: " + message.replace(os.path.join(root, ""), "")
+        raise CheckpointError(message) from None
+
+
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
-    """Check consistency and fill derived values (Megatron-LM's names). Raises ArgumentError."""
+    """Check consistency and fill derived values (Megatron-LM's names). Raises ArgumentError (or, for
+    --load, CheckpointError); each is one line naming the flag and its value."""
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_ranges(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    _require(tp >= 1 and pp >= 1, "parallel sizes must be positive")
     _require(world_size % (tp * pp) == 0,
              f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) parallel size")
     args.world_size = world_size
@@ -176,9 +322,6 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
              f"--num-query-groups {args.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
-    _require(args.lr_decay_style != "WSD" or args.lr_wsd_decay_iters is not None
-             or args.lr_wsd_decay_samples is not None,
-             "--lr-decay-style WSD needs --lr-wsd-decay-iters or --lr-wsd-decay-samples (its final decay)")
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
     _require(args.ffn_hidden_size % tp == 0,
@@ -195,24 +338,18 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
              f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
              f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
     args.num_microbatches = args.global_batch_size // mbs_x_dp
+    _check_schedule(args)
 
     _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive")
-    _require(args.lr >= args.min_lr, f"--lr {args.lr} is below --min-lr {args.min_lr}")
     _require(not (args.ckpt_format == "torch" and args.use_distributed_optimizer),
              "--ckpt-format torch with --use-distributed-optimizer is not supported (use torch_dist)")
-
-    _require(bool(args.data_path), "--data-path is required")
-    prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
-    for prefix in prefixes:
-        _require(os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx"),
-                 f"data path not found: {prefix} (expected {prefix}.bin and {prefix}.idx)")
-    if args.tokenizer_type is None:
-        args.tokenizer_type = "GPTSentencePieceTokenizer" if args.tokenizer_model else "NullTokenizer"
-    if args.tokenizer_type != "NullTokenizer":
-        _require(bool(args.tokenizer_model), f"--tokenizer-model is required with {args.tokenizer_type}")
-        _require(os.path.isfile(args.tokenizer_model), f"tokenizer model not found: {args.tokenizer_model}")
-    else:
-        _require(args.vocab_size is not None, "--vocab-size is required with NullTokenizer")
+    _require(not args.eval_on_start or args.eval_iters > 0, "--eval-on-start needs --eval-iters above 0")
+    _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
+    for flag, kind in OUTPUTS.items():
+        if getattr(args, _dest(flag)) is not None:
+            _check_output(flag, getattr(args, _dest(flag)), kind)
+    _check_data(args)
+    _check_tokenizer(args)
 
     if args.stage_stop is not None:
         import json
@@ -222,10 +359,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         except (ValueError, TypeError, PlanError) as e:
             raise ArgumentError(f"--stage-stop: {e}") from None
     if args.load is not None:
-        from megagrow.checkpoint.io import check_loadable
-        check_loadable(args.load, same_as_save=args.load == args.save)
-    if args.save_interval is not None:
-        _require(args.save is not None, "--save-interval needs --save")
+        _check_load(args.load, same_as_save=args.load == args.save)
     return args
 
 

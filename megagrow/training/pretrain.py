@@ -7,6 +7,7 @@ One screen per idea: `setup` builds everything for this rank, `train_step` runs 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from megagrow.checkpoint.errors import iteration_dir, read_tracker
 from megagrow.checkpoint.trainer import load_checkpoint, save_checkpoint
 from megagrow.checkpoint.view import run_state as read_run_state
 from megagrow.data.loader import build_datasets, microbatches
+from megagrow.errors import MegagrowError
 from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_impl
 from megagrow.model.growth_masks import install_growth_masks
 from megagrow.runtime.distributed import initialize_distributed, print_rank_0, set_seeds
@@ -186,6 +189,30 @@ def _save(state: TrainState) -> None:
     print_rank_0(f" saved checkpoint {path} in {time.time() - t0:.2f} s")
 
 
+class Diverged(MegagrowError):
+    """A NaN or Inf loss or gradient norm (Megatron-LM's check; --no-check-for-nan-in-loss-and-grad)."""
+
+
+def _not_finite(loss: float | None, grad_norm: float | None) -> str | None:
+    """'loss is nan', 'grad norm is inf', ... if any rank saw one this iteration, else None; every rank
+    gets the same answer (the loss exists on the last pipeline stage only), so all stop together."""
+    codes = torch.tensor([0.0 if v is None or math.isfinite(v) else 2.0 if math.isnan(v) else 1.0
+                          for v in (loss, grad_norm)],
+                         device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(codes, op=torch.distributed.ReduceOp.MAX)
+    found = [f"{name} is {'nan' if code == 2 else 'inf'}" for name, code in zip(("loss", "grad norm"), codes.tolist())
+             if code]
+    return found[0] if found else None
+
+
+def _last_good_checkpoint(args) -> str:
+    for root in (args.save, args.load):
+        iteration = read_tracker(root) if root else None
+        if iteration is not None:
+            return f"the newest checkpoint, {iteration_dir(root, iteration)}, is the last good one"
+    return "no checkpoint was saved"
+
+
 def train_iteration(state: TrainState, train_iter, log: MetricsLogger) -> None:
     """One iteration of the loop: a global batch, bookkeeping, metrics."""
     a = state.args
@@ -194,6 +221,11 @@ def train_iteration(state: TrainState, train_iter, log: MetricsLogger) -> None:
         state.masks = None
         print_rank_0(f" growth masks fully open at iteration {state.iteration}: removed")
     loss, grad_norm, updated = train_step(state, train_iter)
+    if a.check_for_nan_in_loss_and_grad:
+        bad = _not_finite(loss, grad_norm)
+        if bad:  # raised before anything of this iteration is counted, logged or saved
+            raise Diverged(f"iteration {state.iteration + 1}: {bad}, stopped before saving it "
+                           f"(--no-check-for-nan-in-loss-and-grad disables this check); {_last_good_checkpoint(a)}")
     step_seconds = time.perf_counter() - t0
     state.iteration += 1
     state.consumed_train_samples += a.global_batch_size
@@ -247,6 +279,14 @@ class ExitSignal:
 def pretrain(args) -> TrainState:
     state = setup(args)
     log = MetricsLogger(args)
+    try:
+        return _train(state, log)
+    finally:
+        log.close()
+
+
+def _train(state: TrainState, log: MetricsLogger) -> TrainState:
+    args = state.args
     train_iter = _data_iterator(state, state.datasets[0], state.consumed_train_samples)
     saved_at = state.iteration
     print_rank_0(f" training: {args.train_iters} iterations, global batch {args.global_batch_size} "
@@ -286,7 +326,6 @@ def pretrain(args) -> TrainState:
             if args.save:
                 _save(state)
             print_rank_0(f" exiting at iteration {it} " + ("on a signal" if signalled else "(--exit-interval)"))
-            log.close()
             return state
         if args.save and args.save_interval and it % args.save_interval == 0:
             _save(state)
@@ -299,5 +338,4 @@ def pretrain(args) -> TrainState:
         _save(state)
     if decision and decision.stop:
         _record_decision(args, state.iteration, rule, decision)
-    log.close()
     return state
