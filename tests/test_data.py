@@ -220,7 +220,7 @@ def test_tool_errors_are_one_line(data_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "x = 1\n"}) + "\n" + "{not json\n")
     out = preprocess(str(bad), model)
-    assert out.returncode == 1 and out.stderr.startswith("error: line 2:") and out.stderr.count("\n") == 1
+    assert out.returncode == 1 and out.stderr.startswith(f"error: {bad}:2:") and out.stderr.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing half-written left behind
     _one_line_error(run_tool("tools/train_tokenizer.py", "--input", missing_input, "--model-prefix",
                              str(tmp_path / "t"), check=False), f"error: input not found: {missing_input}")

@@ -38,3 +38,34 @@ def test_load_of_a_non_checkpoint(data_dir, tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip() == f"error: --load {tmp_path}: not a checkpoint directory " \
                                  "(no latest_checkpointed_iteration.txt)"
+
+
+TOOL_CASES = [
+    (["tools/preprocess_data.py", "--input", "{tmp}/nope.jsonl", "--output-prefix", "{tmp}/out/x",
+      "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", "{data}/tok.model"], "input not found"),
+    (["tools/preprocess_data.py", "--input", "{data}/corpus.jsonl", "--output-prefix", "{tmp}/out/x",
+      "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", "{tmp}/text.model"],
+     "not a sentencepiece model"),
+    (["tools/preprocess_data.py", "--input", "{data}/corpus.jsonl", "--output-prefix", "{tmp}/out/x",
+      "--tokenizer-type", "GPTSentencePieceTokenizer"], "needs a tokenizer model"),
+    (["tools/preprocess_data.py", "--input", "{tmp}/text.model", "--output-prefix", "{tmp}/out/x",
+      "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", "{data}/tok.model"], "text.model:1"),
+    (["tools/train_tokenizer.py", "--input", "{tmp}/nope.jsonl", "--model-prefix", "{tmp}/out/tok"],
+     "input not found"),
+    (["tools/train_tokenizer.py", "--input", "{tmp}/text.model", "--model-prefix", "{tmp}/out/tok"], "text.model:1"),
+    (["tools/prepare_stdlib_corpus.py", "--output", "/proc/megagrow/corpus.jsonl", "--max-bytes", "1000"],
+     "/proc/megagrow"),
+    (["tools/checkpoint_inspect.py", "{tmp}/nope"], "no such directory"),
+    (["tools/checkpoint_convert.py", "--load", "{tmp}/nope", "--save", "{tmp}/out/c"], "no such directory"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", TOOL_CASES, ids=[f"{c[0][0][6:-3]}-{i}" for i, c in enumerate(TOOL_CASES)])
+def test_tools_fail_in_one_line(data_dir, tmp_path, argv, fragment):
+    (tmp_path / "text.model").write_text("not a sentencepiece model, nor JSON lines")
+    argv = [a.format(tmp=tmp_path, data=data_dir) for a in argv]
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert fragment in lines[0] and "Traceback" not in out.stderr and "unexpected" not in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

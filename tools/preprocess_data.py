@@ -28,13 +28,13 @@ def _init_tokenizer(tokenizer_type, tokenizer_model, vocab_size):
 
 
 def _encode(job):
-    """(line number, JSON line, keys, append_eod) -> ({key: ids}, bytes of the line)."""
-    lineno, line, keys, append_eod = job
+    """(input path, line number, JSON line, keys, append_eod) -> ({key: ids}, bytes of the line)."""
+    path, lineno, line, keys, append_eod = job
     try:
         doc = json.loads(line)
         texts = {key: doc[key] for key in keys}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"line {lineno}: not a JSON object with keys {keys} ({type(e).__name__}: {e})")
+        raise ValueError(f"{path}:{lineno}: not a JSON object with keys {keys} ({type(e).__name__}: {e})")
     ids = {}
     for key, text in texts.items():
         ids[key] = _tokenizer.tokenize(text) + ([_tokenizer.eod] if append_eod else [])
@@ -81,7 +81,7 @@ def preprocess(a) -> None:
             builders[key] = IndexedDatasetBuilder(tmp[key] + ".bin", dtype=dtype)
         t0, nbytes, ndocs, ntokens = time.time(), 0, 0, 0
         with open(a.input, encoding="utf-8") as f:
-            jobs = ((i, line, a.json_keys, a.append_eod) for i, line in enumerate(f, 1) if line.strip())
+            jobs = ((a.input, i, line, a.json_keys, a.append_eod) for i, line in enumerate(f, 1) if line.strip())
             if a.workers > 1:
                 pool = multiprocessing.Pool(a.workers, _init_tokenizer,
                                             (a.tokenizer_type, a.tokenizer_model, a.vocab_size))

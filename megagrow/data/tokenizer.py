@@ -84,7 +84,11 @@ class MegatronLMSentencePiece:
         import sentencepiece as spm
 
         self.model_file = os.path.abspath(model_file)
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except (RuntimeError, OSError):
+            raise ValueError(f"--tokenizer-model {model_file}: not a sentencepiece model "
+                             f"({sentencepiece_problem(self.model_file)})") from None
         self.vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
         self.special = {}  # token -> id of the ones the text may contain
         self.pad, self.bos, self.eos = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
