@@ -13,6 +13,8 @@ import yaml
 
 from conftest import write_indexed, write_tokenizer
 from megagrow.cli import main
+import megagrow.scheduling.driver  # noqa: E402,F401  (imported at collection: the timed cases time checks only)
+import megagrow.scheduling.preflight  # noqa: E402,F401
 from megagrow.scheduling.plan import Plan, Stage, dump_plan
 
 DATA = "@DATA@"  # the test's data folder, filled in when the plan is written
@@ -229,7 +231,7 @@ def test_bad_plan_fails_in_one_line_before_anything_is_written(tmp_path, data, c
     rc, err, seconds = run_cli(["run", path, "--output", str(out), "--quiet"] + (["--dry-run"] if dry else []),
                                capsys)
     assert_one_line(rc, err, needle.replace(DATA, str(data)))
-    assert seconds < 10, seconds  # checked, not started: no process group, no training
+    assert seconds < 2, seconds  # checked, not started: no process group, no training
     assert not out.exists()
 
 
