@@ -424,9 +424,11 @@ def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: boo
     with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
         copies = [pool.submit(copy_file, name, items) for name, items in sorted(by_file.items())]
         for done, copied in enumerate(as_completed(copies), 1):
-            storage.update(copied.result())
+            copied.result()
             if progress:
                 progress(done * args.num_layers // total)
+    for copied in copies:  # in file order, whatever order they finished in: the same .metadata every time
+        storage.update(copied.result())
     if resized:  # re-padded vocabulary tensors, written whole into one file of their own
         writer = FileSystemWriter(out_dir, thread_count=1, sync_files=False)
         writer.set_up_storage_writer(is_coordinator=True)
