@@ -157,8 +157,9 @@ class Driver:
         law = where.law()
         if law is None:
             if not where.decision():
-                self.train(Stage(name=f"probe_{stage.name}", model=stage.model, parallel=stage.parallel), where, 0,
-                           StopRule(policy="iters", iteration=iters), eval_interval=max(1, iters // 10))
+                probe = Stage(name=f"probe_{stage.name}", model=stage.model, parallel=stage.parallel,
+                              training=stage.training)
+                self.train(probe, where, 0, StopRule(policy="iters", iteration=iters), eval_interval=max(1, iters // 10))
             if self.printed is not None:
                 return dict(_PLACEHOLDER_LAW)
             valid = where.metrics()["valid"]
@@ -199,7 +200,7 @@ class Driver:
         """The trainer's command line for one stage; `loaded`: it starts from a checkpoint in `where.ckpt`."""
         plan, shape = self.plan, self.plan.shape(stage)
         par = {k: v for k, v in stage.parallel.items() if k != "nproc"}
-        training = {k: v for k, v in plan.training.items() if k not in _CONTROLLED}
+        training = {k: v for k, v in {**plan.training, **stage.training}.items() if k not in _CONTROLLED}
         if eval_interval:
             training["eval_interval"] = eval_interval
         lr = stage.lr.get("schedule", "continue")
@@ -219,6 +220,8 @@ class Driver:
         resumed = read_tracker(where.ckpt)
         if loaded or resumed is not None:
             argv += ["--load", where.ckpt]
+            if start:  # from an earlier stage's (grown) checkpoint: this stage's optimizer flags take effect
+                argv.append("--override-opt_param-scheduler")
         lag = where.lag()
         if is_lag_selection(stage.grow) and (lag is None or resumed == lag["start"] + lag["k"]):
             argv.append("--eval-on-start")  # evidence that the stage goes on from the winner's state

@@ -37,6 +37,7 @@ class Stage:
     stop: dict = field(default_factory=lambda: {"policy": "flops"})
     lr: dict = field(default_factory=lambda: {"schedule": "continue"})
     parallel: dict = field(default_factory=lambda: {"nproc": 1})
+    training: dict = field(default_factory=dict)  # trainer flags of this stage only, over the plan's `training`
 
     def __post_init__(self):
         self.grow = normalized_grow(self.grow)
@@ -116,7 +117,7 @@ def load_plan(path: str) -> Plan:
 
 def dump_plan(plan: Plan) -> str:
     raw = copy.deepcopy({k: v for k, v in vars(plan).items() if k != "stages"})
-    raw["stages"] = [vars(s) for s in plan.stages]
+    raw["stages"] = [{k: v for k, v in vars(s).items() if k != "training" or v} for s in plan.stages]
     return yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=110)
 
 

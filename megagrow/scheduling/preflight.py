@@ -130,7 +130,7 @@ def check_stage(driver, stage, where, start: int, rule, path: str, parallel_path
         files[args.tokenizer_model] = _setting(plan, "tokenizer_model")[0]
     sources = {}
     for name, values in (("target", plan.target), (f"{path}.model", stage.model), ("training", plan.training),
-                         ("data", plan.data), (parallel_path, stage.parallel)):
+                         (f"{path}.training", stage.training), ("data", plan.data), (parallel_path, stage.parallel)):
         sources.update({key: f"{name}.{key}" for key in values})
     if stage.lr.get("warmup_iters") is not None:
         sources["lr_warmup_iters"] = f"{path}.lr.warmup_iters"  # the driver's flag at a re-warmed stage
@@ -178,7 +178,7 @@ def preflight(driver, baseline: bool = False) -> None:
                   f"{where.name} LAG probes", f"{at}.nproc" if own else f"{path}.grow.groups")
         if stage.stop["policy"] == "ecr" and "law" not in stage.stop:  # the next model's law: a short run of it
             nxt, iters_ = plan.stages[i + 1], int(stage.stop.get("probe_iters", 50))
-            probe = Stage(name=f"probe_{nxt.name}", model=nxt.model, parallel=nxt.parallel)
+            probe = Stage(name=f"probe_{nxt.name}", model=nxt.model, parallel=nxt.parallel, training=nxt.training)
             check_stage(driver, probe, driver.run_dir.law_probe(nxt.name), 0,
                         StopRule(policy="iters", iteration=iters_), f"stages[{i + 1}]", f"stages[{i + 1}].parallel",
                         eval_interval=max(1, iters_ // 10), label=f"the loss-law probe of {nxt.name} for {path}.stop")

@@ -20,7 +20,8 @@ from megagrow.scheduling.timing import STOP_RULES, PlanError, StopRule
 
 LR_SCHEDULES = ("continue", "rewarm", "constant")
 TOP = {"target": dict, "budget": dict, "training": dict, "data": dict, "stages": list, "vocab_size": int}
-STAGE = {"name": str, "model": dict, "grow": (dict, type(None)), "stop": dict, "lr": dict, "parallel": dict}
+STAGE = {"name": str, "model": dict, "grow": (dict, type(None)), "stop": dict, "lr": dict, "parallel": dict,
+         "training": dict}
 LR = {"schedule": str, "warmup_iters": int}
 BUDGET = {"flops": (int, float), "target_scratch_tokens": (int, float)}
 GROW_OP = {"op": str}
@@ -227,12 +228,15 @@ def check_plan(raw) -> None:
     _keys(raw, TOP, "", required=tuple(TOP))
     model_flags, all_flags = _flag_table(("model",)), _flag_table(None)
     _flags(raw["target"], model_flags, "target")
-    _flags(raw["training"], all_flags, "training")
     stage_only = _flag_table(_STAGE_GROUPS)
-    for key in raw["training"]:
-        if key in stage_only and key not in _SHARED:
-            where = "target or a stage's model" if key in model_flags else "a stage's parallel"
-            raise PlanError(f"training.{key}: set it in {where} (every stage's shape and layout come from there)")
+
+    def training_flags(flags: dict, path: str) -> None:
+        _flags(flags, all_flags, path)
+        for key in flags:
+            if key in stage_only and key not in _SHARED:
+                where = "target or a stage's model" if key in model_flags else "a stage's parallel"
+                raise PlanError(f"{path}.{key}: set it in {where} (every stage's shape and layout come from there)")
+    training_flags(raw["training"], "training")
     _flags(raw["data"], _flag_table(("data",)), "data")
     _keys(raw["budget"], BUDGET, "budget", required=("flops",))
     for key in BUDGET:
@@ -258,6 +262,7 @@ def check_plan(raw) -> None:
         names.add(stage["name"])
         model = stage.get("model", {})
         _flags(model, model_flags, f"{path}.model")
+        training_flags(stage.get("training", {}), f"{path}.training")  # this stage's own optimizer flags...
         _keys(stage.get("lr", {}), LR, f"{path}.lr")
         if stage.get("lr", {}).get("schedule", "continue") not in LR_SCHEDULES:
             raise PlanError(f"{path}.lr.schedule: {stage['lr']['schedule']!r} is not one of {', '.join(LR_SCHEDULES)}")

@@ -86,6 +86,13 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-decision-file", default=None, help="where the stop rule's decision and evidence go (JSON)")
     g.add_argument("--eval-on-start", action="store_true",
                    help="evaluate once after loading, before training (a stage continuing from a LAG probe)")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
+                   dest="override_opt_param_scheduler",
+                   help="on --load, train with this run's LR schedule, weight decay, Adam betas and eps, not the "
+                        "checkpoint's (Adam's moments and step counts still load)")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   action="store_true", dest="use_checkpoint_opt_param_scheduler",
+                   help="on --load, keep the checkpoint's LR schedule and optimizer hyper-parameters")
     g.add_argument("--restart-lr-schedule-at", type=int, default=None,
                    help="when the loaded checkpoint is at this iteration, start the LR schedule afresh from these "
                         "flags (re-warm at a stage boundary) instead of the checkpoint's")
@@ -341,6 +348,8 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _check_schedule(args)
 
     _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive")
+    _require(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually exclusive")
     _require(not (args.ckpt_format == "torch" and args.use_distributed_optimizer),
              "--ckpt-format torch with --use-distributed-optimizer is not supported (use torch_dist)")
     _require(not args.eval_on_start or args.eval_iters > 0, "--eval-on-start needs --eval-iters above 0")

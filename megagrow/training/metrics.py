@@ -30,6 +30,10 @@ class MetricsLogger:
             self.metrics_file.write(json.dumps({"kind": kind, "iteration": iteration, **values, "flops": flops}) + "\n")
             self.metrics_file.flush()
 
+    def optimizer(self, iteration: int, values: dict) -> None:
+        """The optimizer hyper-parameters the iteration after `iteration` (a --load) trains with."""
+        self._record("optimizer", iteration, values)
+
     def training(self, iteration: int, consumed: int, loss: float, lr: float, grad_norm: float | None,
                  step_seconds: float, skipped: int, log_line: bool) -> None:
         if not self.enabled:

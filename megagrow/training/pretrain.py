@@ -23,6 +23,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megagrow.checkpoint.errors import iteration_dir, read_tracker
 from megagrow.checkpoint.trainer import load_checkpoint, save_checkpoint
+from megagrow.training.hyperparameters import apply_after_load, in_effect, values_to_build
 from megagrow.checkpoint.view import run_state as read_run_state
 from megagrow.data.loader import build_datasets, microbatches
 from megagrow.errors import MegagrowError
@@ -61,12 +62,17 @@ class TrainState:
     skipped_iterations: int = 0
     masks: object = None  # growth masks (MSG/PDG) while new width is opening
     run_state: dict = None  # what is not a flag but is saved: checkpoint.view.run_state
+    optimizer_at_start: dict = None  # the hyper-parameters the first iteration after --load trains with
 
 
 def _scheduler(args, optimizer) -> OptimizerParamScheduler:
     gbs = args.global_batch_size  # Megatron-LM's scheduler counts samples, not iterations
+    # A restart re-builds the scheduler after loading; the loaded one must not refuse the new flags first.
+    override = args.override_opt_param_scheduler or args.restart_lr_schedule_at is not None
     return OptimizerParamScheduler(
-        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        optimizer, use_checkpoint_opt_param_scheduler=not override or args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=override and not args.use_checkpoint_opt_param_scheduler,
+        init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
@@ -98,8 +104,9 @@ def setup(args) -> TrainState:
         # distributed optimizer's parameter bookkeeping assumes no fp32 parameters remain.
         model = Float16Module(config, model)
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    built = values_to_build(args)
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, lr=built["lr"], min_lr=built["min_lr"], weight_decay=built["weight_decay"],
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=config.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer), [model])
@@ -115,9 +122,15 @@ def setup(args) -> TrainState:
             args.load, model, optimizer, scheduler, args)
         if state.iteration:
             print_rank_0(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
-        if args.restart_lr_schedule_at is not None and state.iteration == args.restart_lr_schedule_at:
+        restarted = args.restart_lr_schedule_at is not None and state.iteration == args.restart_lr_schedule_at
+        apply_after_load(optimizer, scheduler, args, restarted, built)
+        if restarted:
             state.scheduler = _scheduler(args, optimizer)  # a new stage re-warms: this run's LR flags, from step 0
             print_rank_0(f" LR schedule restarted at iteration {state.iteration}")
+        if state.iteration:
+            state.optimizer_at_start = in_effect(optimizer, state.scheduler)
+            print_rank_0(" optimizer at the first iteration: " + ", ".join(
+                f"{k} {v}" for k, v in state.optimizer_at_start.items()))
         state.masks = install_growth_masks(model, args, state.run_state, state.iteration)
         if state.masks:
             r = state.run_state["growth_masks"]
@@ -238,11 +251,12 @@ def train_iteration(state: TrainState, train_iter, log: MetricsLogger) -> None:
                      state.skipped_iterations, log_line=state.iteration % a.log_interval == 0)
 
 
-def _record_decision(args, iteration: int, rule: StopRule, decision) -> None:
+def _record_decision(args, iteration: int, rule: StopRule, decision, optimizer_at_start: dict | None) -> None:
     print_rank_0(f" stage stop at iteration {iteration}: {decision.reason}")
     if args.stage_decision_file and torch.distributed.get_rank() == 0:
         record = {"iteration": iteration, "reason": decision.reason, "policy": rule.policy,
-                  "flops": args.num_floating_point_operations_so_far, "evidence": decision.evidence}
+                  "flops": args.num_floating_point_operations_so_far, "evidence": decision.evidence,
+                  "optimizer_at_start": optimizer_at_start}
         tmp = args.stage_decision_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1, default=float)
@@ -292,6 +306,8 @@ def _train(state: TrainState, log: MetricsLogger) -> TrainState:
     print_rank_0(f" training: {args.train_iters} iterations, global batch {args.global_batch_size} "
                  f"({args.num_microbatches} microbatches x {args.micro_batch_size} x DP {args.data_parallel_size}), "
                  f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size}")
+    if state.optimizer_at_start:
+        log.optimizer(state.iteration, state.optimizer_at_start)
     rule = StopRule(**json.loads(args.stage_stop)) if args.stage_stop else None  # kept out of args: they are saved
     curve = state.run_state["validation_curve"]
     step_flops = num_floating_point_operations(args, args.global_batch_size)
@@ -337,5 +353,5 @@ def _train(state: TrainState, log: MetricsLogger) -> TrainState:
     if args.save and saved_at != state.iteration:
         _save(state)
     if decision and decision.stop:
-        _record_decision(args, state.iteration, rule, decision)
+        _record_decision(args, state.iteration, rule, decision, state.optimizer_at_start)
     return state
