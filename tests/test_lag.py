@@ -99,7 +99,7 @@ def test_lag_survives_a_killed_probe_and_a_killed_driver(data_dir, tmp_path):
     assert lag_record["winner"] == best and f"picked {best}" in output
     # Every probe read the same batches: the same first sample after the growth at iteration 6.
     for s in done:
-        first = json.loads(open(lag / slug(s) / "metrics.jsonl").readline())
+        first = next(r for r in map(json.loads, open(lag / slug(s) / "metrics.jsonl")) if r["kind"] == "train")
         assert first["iteration"] == 7 and first["consumed_samples"] == 7 * 8
     # The stage went on from the winner's state: its evaluation on start gives the probe's last loss.
     records = [json.loads(line) for line in open(run_dir / "stage1_4l" / "metrics.jsonl")]

@@ -84,7 +84,8 @@ def test_three_stage_run_grows_twice_and_survives_a_kill(data_dir, tmp_path):
     assert losses[0] > losses[1] > losses[2], losses  # the loss keeps falling across both growths
     assert os.path.exists(tmp_path / "whole" / "loss_vs_flops.png")
     # The data order continues: stage 2's first iteration reads the samples after stage 1's last.
-    first = json.loads(open(tmp_path / "whole" / "stage1_4l" / "metrics.jsonl").readline())
+    metrics = tmp_path / "whole" / "stage1_4l" / "metrics.jsonl"
+    first = next(r for r in map(json.loads, open(metrics)) if r["kind"] == "train")
     assert first["iteration"] == 9 and first["consumed_samples"] == 9 * 8
     log = open(tmp_path / "whole" / "stage1_4l" / "log.txt").read()
     assert "LR schedule restarted at iteration 8" in log and "loaded checkpoint" in log
