@@ -22,6 +22,22 @@ DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core'
 SPLITS = ("train", "valid", "test")
 
 
+def blend(paths: list[str]) -> tuple[list[float] | None, list[str]] | None:
+    """Megatron-LM's --data-path: `prefix ...` -> (None, prefixes); `weight prefix weight prefix ...` ->
+    (weights, prefixes); a blend that is not well formed -> None."""
+    def weight(text: str) -> float | None:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    weights = [weight(w) for w in paths[::2]]
+    if len(paths) == 1 or all(w is None for w in weights):
+        return None, list(paths)
+    if len(paths) % 2 or None in weights:
+        return None
+    return weights, list(paths[1::2])
+
+
 class DataError(MegagrowError):
     """Data that cannot be read as asked; one line naming the file."""
 

@@ -41,17 +41,11 @@ def _setting(plan, key: str) -> tuple[str, object]:
 
 
 def _prefixes(paths: list[str]) -> list[str]:
-    """The prefixes of Megatron-LM's --data-path: `prefix ...`, or `weight prefix weight prefix ...` (a blend
-    that is not well formed has none here: the trainer's own check says what is wrong with it)."""
-    def weight(text: str) -> float | None:
-        try:
-            return float(text)
-        except ValueError:
-            return None
-    weights = [weight(w) for w in paths[::2]]
-    if len(paths) == 1 or all(w is None for w in weights):
-        return paths
-    return paths[1::2] if len(paths) % 2 == 0 and None not in weights else []
+    """The prefixes of Megatron-LM's --data-path (a blend that is not well formed has none here: the
+    trainer's own check says what is wrong with it)."""
+    from megagrow.data.indexed import blend
+    parsed = blend(paths)
+    return parsed[1] if parsed else []
 
 
 def check_data(plan) -> None:

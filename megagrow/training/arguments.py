@@ -237,20 +237,15 @@ def _check_schedule(a: argparse.Namespace) -> None:
 
 def _data_prefixes(data_path: list[str]) -> list[str]:
     """Megatron-LM's --data-path: `prefix ...`, or a blend `weight prefix weight prefix ...`."""
-    def weight(text: str) -> float | None:
-        try:
-            return float(text)
-        except ValueError:
-            return None
-    weights = [weight(w) for w in data_path[::2]]
-    if len(data_path) == 1 or all(w is None for w in weights):
-        return data_path
-    _require(len(data_path) % 2 == 0 and None not in weights,
+    from megagrow.data.indexed import blend
+    parsed = blend(data_path)
+    _require(parsed is not None,
              f"--data-path {' '.join(data_path)}: expected prefixes, or weights and prefixes in turn "
              "(weight prefix weight prefix ...)")
-    for w in weights:
+    weights, prefixes = parsed
+    for w in weights or []:
         _require(math.isfinite(w) and w > 0, f"--data-path: weight {w:g} must be positive")
-    return data_path[1::2]
+    return prefixes
 
 
 def _check_data(args: argparse.Namespace) -> None:
