@@ -86,15 +86,18 @@ def test_tokenizer_training_is_deterministic(data_dir, tmp_path):
 
 
 def test_build_tokenizer_null_and_errors(tmp_path):
-    from megagrow.data.tokenizer import build_tokenizer
+    from megagrow.data.tokenizer import TokenizerError, build_tokenizer
     null = build_tokenizer("NullTokenizer", None, vocab_size=100)
     assert (null.vocab_size, null.eod, null.pad) == (101, 100, -1)  # Megatron-LM: eod follows the ids
     assert null.tokenize("5 6 7") == [5, 6, 7] and null.detokenize([5, 6]) == "5 6"
     missing = str(tmp_path / "missing.model")
-    with pytest.raises(FileNotFoundError, match=f"^tokenizer model not found: {re.escape(missing)}$"):
+    message = f"tokenizer model not found: {missing} (--tokenizer-model)"
+    with pytest.raises(TokenizerError, match="^" + re.escape(message) + "$"):
         build_tokenizer("GPTSentencePieceTokenizer", missing)
-    with pytest.raises(ValueError, match="GPT2BPETokenizer"):
+    with pytest.raises(TokenizerError, match=r"^GPT2BPETokenizer needs a vocab file \(--vocab-file\)$"):
         build_tokenizer("GPT2BPETokenizer", missing)
+    with pytest.raises(TokenizerError, match="^unknown tokenizer type: 'BertWordPieceCase'"):
+        build_tokenizer("BertWordPieceCase", missing)
 
 
 def test_preprocess_matches_tokenizer(data_dir, tok, parallel_prefix):
@@ -215,7 +218,8 @@ def test_tool_errors_are_one_line(data_dir, tmp_path):
         return run_tool("tools/preprocess_data.py", "--input", inp, "--output-prefix", str(tmp_path / "x"),
                         "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", tok_model, check=False)
 
-    _one_line_error(preprocess(corpus, missing_model), f"error: tokenizer model not found: {missing_model}")
+    _one_line_error(preprocess(corpus, missing_model),
+                    f"error: tokenizer model not found: {missing_model} (--tokenizer-model)")
     _one_line_error(preprocess(missing_input, model), f"error: input not found: {missing_input}")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "x = 1\n"}) + "\n" + "{not json\n")
@@ -224,3 +228,84 @@ def test_tool_errors_are_one_line(data_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing half-written left behind
     _one_line_error(run_tool("tools/train_tokenizer.py", "--input", missing_input, "--model-prefix",
                              str(tmp_path / "t"), check=False), f"error: input not found: {missing_input}")
+
+
+def test_gpt_datasets_per_split_mock_and_options(data_dir, tok, parallel_prefix, tmp_path):
+    """Megatron-LM's other sources, handed to megatron-core: a blend per split, MockGPTDataset; and its options."""
+    from megatron.core.datasets.gpt_dataset import MockGPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megagrow.data.datasets import build_gpt_datasets
+    prefix = f"{data_dir}/corpus_text_document"
+    train, valid, test = build_gpt_datasets(None, None, 32, 7, tok, [40, 10, 0], data_cache_path=str(tmp_path),
+                                            per_split=[[prefix], ["1", parallel_prefix], None])
+    assert len(train) >= 40 and len(valid) >= 10 and test is None
+    indexed = IndexedDataset(parallel_prefix)
+    docs = [indexed[i].tolist() for i in range(len(indexed))]  # the valid split is that whole corpus
+    s = valid[3]
+    assert _in_documents(s["tokens"].tolist() + [s["labels"][-1].item()], docs, tok.eod)
+
+    mock = build_gpt_datasets(None, None, 32, 7, tok, [8, 8, 8], mock=True)
+    assert all(isinstance(ds, MockGPTDataset) for ds in mock)
+    assert all(0 <= t < tok.vocab_size for t in mock[0][0]["tokens"].tolist())
+
+    plain = build_gpt_datasets([prefix], SPLIT, 32, 7, tok, [8, 2, 2], data_cache_path=str(tmp_path))
+    read = build_gpt_datasets([prefix], SPLIT, 32, 7, tok, [8, 2, 2], data_cache_path=str(tmp_path),
+                              mmap_bin_files=False, create_attention_mask=False)
+    assert "attention_mask" not in read[0][0] and "attention_mask" in plain[0][0]
+    assert all(torch.equal(plain[0][i]["tokens"], read[0][i]["tokens"]) for i in range(8))
+
+
+def test_microbatches_workers_keep_the_order(data_dir, tok, tmp_path):
+    """--num-workers: DataLoader processes read the same samples in the same order as in-process."""
+    from megagrow.data.datasets import build_gpt_datasets
+    from megagrow.data.loader import microbatches
+    train, _, _ = build_gpt_datasets([f"{data_dir}/corpus_text_document"], SPLIT, 32, 3, tok, [40, 8, 8],
+                                     data_cache_path=str(tmp_path))
+    here, workers = (microbatches(train, 5, 2, 1, 2, "cpu", num_workers=n) for n in (0, 2))
+    for step in range(4):
+        a, b = next(here), next(workers)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        first = 5 + step * 4 + 2  # rank 1 of DP 2 takes the second pair of each step's 4 samples
+        assert torch.equal(a["tokens"][0], train[first]["tokens"])
+
+
+def test_data_flags(data_dir, tmp_path):
+    """Megatron-LM's data flags: its defaults and dests, and one source of data."""
+    from conftest import tiny_args, write_indexed
+    from megagrow.training.arguments import ArgumentError, build_parser, parse_args
+    args = build_parser().parse_args(tiny_args(data_dir))
+    defaults = {"split": "90,5,5", "mock_data": False, "num_workers": 2, "mmap_bin_files": True,
+                "create_attention_mask_in_dataloader": True, "train_data_path": None, "valid_data_path": None,
+                "test_data_path": None}
+    assert {k: getattr(args, k) for k in defaults} == defaults
+    assert build_parser().parse_args(tiny_args(data_dir, **{"--split": None})).split is None
+    flags = build_parser().parse_args(tiny_args(data_dir) + ["--no-mmap-bin-files", "--num-workers", "0",
+                                                              "--no-create-attention-mask-in-dataloader"])
+    assert (flags.mmap_bin_files, flags.num_workers, flags.create_attention_mask_in_dataloader) == (False, 0, False)
+
+    big = str(tmp_path / "big")
+    write_indexed(big)  # 1000 documents: every split of the default gets some
+    null = {"--tokenizer-type": "NullTokenizer", "--tokenizer-model": None, "--vocab-size": "8",
+            "--data-cache-path": None}
+    assert parse_args(tiny_args(data_dir, **null, **{"--data-path": big, "--split": None})).split == "969, 30, 1"
+    none = {**null, "--data-path": None, "--split": None}
+    mock = parse_args(tiny_args(data_dir, **none) + ["--mock-data"])
+    assert mock.mock_data and mock.split is None  # megatron-core divides its documents evenly
+    prefix = f"{data_dir}/corpus_text_document"
+    per_split = parse_args(tiny_args(data_dir, **none) + ["--train-data-path", prefix, "--valid-data-path", big])
+    assert per_split.split is None and per_split.train_data_path == [prefix]
+    for extra, message in [
+        (["--mock-data", "--data-path", big], "--mock-data and --data-path: give one source of data, not both"),
+        (["--data-path", big, "--train-data-path", big], "--data-path and --train-data-path/--valid-data-path/"
+                                                         "--test-data-path: give one source of data, not both"),
+        (["--train-data-path", big, "--valid-data-path", big, "--split", "9,1,0"],
+         "--split 9,1,0: only with --data-path or --mock-data"),
+        (["--valid-data-path", big], "--train-data-path is required with --valid-data-path or --test-data-path"),
+        (["--train-data-path", big], "--valid-data-path is required to evaluate (or pass --eval-iters 0)"),
+        (["--train-data-path", str(tmp_path / "nope"), "--valid-data-path", big], "data path not found: "),
+        (["--num-workers", "-1", "--mock-data"], "--num-workers -1: must be 0 or more"),
+        ([], "--data-path is required (or --train-data-path and --valid-data-path, or --mock-data)"),
+    ]:
+        with pytest.raises(ArgumentError) as e:
+            parse_args(tiny_args(data_dir, **none) + extra)
+        assert str(e.value).startswith(message), (extra, str(e.value))

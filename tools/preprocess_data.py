@@ -1,12 +1,15 @@
 """Tokenize a JSONL corpus into Megatron's indexed dataset: {output_prefix}_{key}_document.bin/.idx.
 
-Flags as Megatron-LM's tools/preprocess_data.py; one document per JSON line, written with
+Flags as Megatron-LM's tools/preprocess_data.py (its tokenizer flags are the trainer's, and every
+--tokenizer-type megagrow trains with is read the same way here); one document per JSON line, written with
 megatron-core's IndexedDatasetBuilder, so megatron-core's IndexedDataset/GPTDataset read it back.
 Outputs are written under temporary names and renamed at the end (.idx last), so an interrupted run
 leaves nothing half-written under the final names.
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
         --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model --append-eod --workers 2
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt --append-eod --workers 2
 """
 
 import argparse
@@ -21,10 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _tokenizer = None  # one per process: built in the main process and in each pool worker
 
 
-def _init_tokenizer(tokenizer_type, tokenizer_model, vocab_size):
+def _init_tokenizer(flags: dict):
     global _tokenizer
     from megagrow.data.tokenizer import build_tokenizer
-    _tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    _tokenizer = build_tokenizer(**flags)
 
 
 def _encode(job):
@@ -46,11 +49,9 @@ def get_args(argv=None):
     p.add_argument("--input", required=True, help="JSONL file, one document per line")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize (default: text)")
-    from megagrow.data.tokenizer import TOKENIZER_TYPES
-    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
-                   default="GPTSentencePieceTokenizer")
-    p.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
-    p.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
+    from megagrow.data.tokenizer import add_tokenizer_args
+    add_tokenizer_args(p.add_argument_group("tokenizer"))
+    p.set_defaults(tokenizer_type="GPTSentencePieceTokenizer")
     p.add_argument("--append-eod", action="store_true", help="end every document with the eod id")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (order is kept)")
     p.add_argument("--log-interval", type=int, default=100, help="report progress every N documents")
@@ -62,7 +63,9 @@ def preprocess(a) -> None:
         raise FileNotFoundError(f"input not found: {a.input}")
     if a.workers < 1:
         raise ValueError(f"--workers must be at least 1, not {a.workers}")
-    _init_tokenizer(a.tokenizer_type, a.tokenizer_model, a.vocab_size)
+    from megagrow.data.tokenizer import tokenizer_flags
+    flags = tokenizer_flags(a)
+    _init_tokenizer(flags)
 
     import numpy as np
     import torch
@@ -83,8 +86,7 @@ def preprocess(a) -> None:
         with open(a.input, encoding="utf-8") as f:
             jobs = ((a.input, i, line, a.json_keys, a.append_eod) for i, line in enumerate(f, 1) if line.strip())
             if a.workers > 1:
-                pool = multiprocessing.Pool(a.workers, _init_tokenizer,
-                                            (a.tokenizer_type, a.tokenizer_model, a.vocab_size))
+                pool = multiprocessing.Pool(a.workers, _init_tokenizer, (flags,))
                 results = pool.imap(_encode, jobs, chunksize=4)  # imap keeps the input order
             else:
                 results = map(_encode, jobs)
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     a = get_args(argv)
     try:
         preprocess(a)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
+    except (FileNotFoundError, ValueError) as e:  # bad input (TokenizerError included): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -8,28 +8,50 @@ import torch
 def num_samples(args) -> list[int]:
     """Samples the train/valid/test splits must provide for this run (as Megatron-LM asks)."""
     evals = args.train_iters // args.eval_interval + 1
-    return [args.train_iters * args.global_batch_size,
+    return [args.train_samples or args.train_iters * args.global_batch_size,
             evals * args.eval_iters * args.global_batch_size,
             args.eval_iters * args.global_batch_size]
 
 
 def build_datasets(args, tokenizer):
+    """The run's (train, valid, test) from its data flags (a checkpoint's args may predate the newer ones)."""
     from megagrow.data.datasets import build_gpt_datasets
+    per_split = [getattr(args, f"{split}_data_path", None) for split in ("train", "valid", "test")]
     return build_gpt_datasets(args.data_path, args.split, args.seq_length, args.seed, tokenizer,
                               num_samples(args), data_cache_path=args.data_cache_path,
-                              dp_size=args.data_parallel_size)
+                              dp_size=args.data_parallel_size, per_split=None if args.data_path else per_split,
+                              mock=getattr(args, "mock_data", False) and not args.data_path,
+                              mmap_bin_files=getattr(args, "mmap_bin_files", True),
+                              create_attention_mask=getattr(args, "create_attention_mask_in_dataloader", True))
 
 
-def microbatches(dataset, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int, device):
-    """Endless microbatches for one data-parallel rank, starting at global sample `first_sample`.
+class _RankSamples(torch.utils.data.Sampler):
+    """The sample indices of one data-parallel rank's microbatches, endlessly (Megatron-LM's pretraining sampler):
+    each step of mbs x DP consecutive samples is split among DP ranks, so a global batch holds the same samples
+    whatever the DP size; starting at `consumed_samples` continues the exact order."""
 
-    Each step of mbs x DP consecutive samples is split among DP ranks, so a global batch holds the
-    same samples whatever the DP size; resuming from `consumed_samples` continues the exact order.
-    """
-    start = first_sample
-    while True:
-        lo = start + dp_rank * micro_batch_size
-        samples = [dataset[i % len(dataset)] for i in range(lo, lo + micro_batch_size)]
-        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device, non_blocking=True)
-               for key in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask") if key in samples[0]}
-        start += micro_batch_size * dp_size
+    def __init__(self, size: int, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.size, self.first, self.mbs, self.rank, self.dp = size, first_sample, micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self):
+        start = self.first
+        while True:
+            lo = start + self.rank * self.mbs
+            yield [i % self.size for i in range(lo, lo + self.mbs)]
+            start += self.mbs * self.dp
+
+
+def _stack(samples: list[dict]) -> dict:
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+            for key in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask") if key in samples[0]}
+
+
+def microbatches(dataset, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int, device,
+                 num_workers: int = 0):
+    """Endless microbatches for one data-parallel rank, starting at global sample `first_sample` (see
+    _RankSamples), read by a DataLoader with `num_workers` processes (Megatron-LM's --num-workers; 0: here)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_RankSamples(len(dataset), first_sample, micro_batch_size, dp_rank, dp_size),
+        num_workers=num_workers, collate_fn=_stack, pin_memory=str(device).startswith("cuda"))
+    for batch in loader:
+        yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}

@@ -40,6 +40,11 @@ def _setting(plan, key: str) -> tuple[str, object]:
     return f"data.{key}", None
 
 
+DATA_PATHS = ("train_data_path", "valid_data_path", "test_data_path")  # the trainer's other blends
+# The tokenizer flags that name files, resolved as the stages see them (as the data paths are).
+TOKENIZER_PATHS = ("tokenizer_model", "vocab_file", "merge_file")
+
+
 def _prefixes(paths: list[str]) -> list[str]:
     """The prefixes of Megatron-LM's --data-path (a blend that is not well formed has none here: the
     trainer's own check says what is wrong with it)."""
@@ -49,26 +54,31 @@ def _prefixes(paths: list[str]) -> list[str]:
 
 
 def check_data(plan) -> None:
-    """Every data path prefix has its .bin and .idx; the tokenizer's model file exists (or a vocab size).
-    What is inside them the trainer's validation reads (check_stage)."""
-    key, value = _setting(plan, "data_path")
-    if not value:
-        raise PlanError(f"{key}: missing (the trainer needs --data-path: a prefix, or weight prefix weight prefix ...)")
-    for prefix in _prefixes([value] if isinstance(value, str) else [str(v) for v in value]):
-        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(_resolve(prefix) + ext)]
-        if missing:
-            raise PlanError(f"{key}: {prefix}: {' and '.join(missing)} not found{_where(prefix)} (a prefix names an "
-                            "indexed dataset's .bin and .idx)")
+    """Every data path prefix has its .bin and .idx; the files the tokenizer type reads exist (or a vocab size is
+    given). What is inside them the trainer's validation reads (check_stage): megagrow.data.tokenizer says which
+    files each --tokenizer-type needs, and builds it there."""
+    from megagrow.data.tokenizer import FILE_FLAGS, TOKENIZER_FILES, default_tokenizer_type
+    keys = [key for key in ("data_path", *DATA_PATHS) if _setting(plan, key)[1]]
+    if not keys and not _setting(plan, "mock_data")[1]:
+        raise PlanError(f"{_setting(plan, 'data_path')[0]}: missing (the trainer needs --data-path: a prefix, or "
+                        "weight prefix weight prefix ...)")
+    for data_key in keys:
+        key, value = _setting(plan, data_key)
+        for prefix in _prefixes([value] if isinstance(value, str) else [str(v) for v in value]):
+            missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(_resolve(prefix) + ext)]
+            if missing:
+                raise PlanError(f"{key}: {prefix}: {' and '.join(missing)} not found{_where(prefix)} (a prefix names "
+                                "an indexed dataset's .bin and .idx)")
     type_key, kind = _setting(plan, "tokenizer_type")
-    model_key, model = _setting(plan, "tokenizer_model")
-    kind = kind or ("GPTSentencePieceTokenizer" if model else "NullTokenizer")
-    if kind == "NullTokenizer":
-        if _setting(plan, "vocab_size")[1] is None:
-            raise PlanError(f"{_setting(plan, 'vocab_size')[0]}: missing (NullTokenizer needs --vocab-size)")
-    elif not model:
-        raise PlanError(f"{model_key}: missing ({type_key} {kind} needs a tokenizer model file)")
-    elif not os.path.isfile(_resolve(model)):
-        raise PlanError(f"{model_key}: {model} not found{_where(model)}")
+    kind = default_tokenizer_type(kind, *(_setting(plan, k)[1] for k in ("tokenizer_model", "vocab_file", "merge_file")))
+    if kind == "NullTokenizer" and _setting(plan, "vocab_size")[1] is None:
+        raise PlanError(f"{_setting(plan, 'vocab_size')[0]}: missing (NullTokenizer needs --vocab-size)")
+    for dest in TOKENIZER_FILES.get(kind, ()):  # an unknown type is the schema's to refuse
+        key, path = _setting(plan, dest)
+        if not path:
+            raise PlanError(f"{key}: missing ({type_key} {kind} needs {FILE_FLAGS[dest][0]})")
+        if not os.path.exists(_resolve(path)):
+            raise PlanError(f"{key}: {path} not found{_where(path)}")
 
 
 def _key_for(message: str, sources: dict[str, str], stage_path: str, files: dict[str, str]) -> str:
@@ -115,13 +125,15 @@ def check_stage(driver, stage, where, start: int, rule, path: str, parallel_path
     args = _trainer_args(argv, path)
     # Paths as the stage's processes resolve them (check_data said which are missing, with their keys).
     files = {}
-    if args.data_path:
-        prefixes = set(_prefixes(args.data_path))
-        args.data_path = [_resolve(p) if p in prefixes else p for p in args.data_path]
-        files.update({_resolve(p): _setting(plan, "data_path")[0] for p in prefixes})
-    if args.tokenizer_model:
-        args.tokenizer_model = _resolve(args.tokenizer_model)
-        files[args.tokenizer_model] = _setting(plan, "tokenizer_model")[0]
+    for dest in ("data_path", *DATA_PATHS):
+        if getattr(args, dest):
+            prefixes = set(_prefixes(getattr(args, dest)))
+            setattr(args, dest, [_resolve(p) if p in prefixes else p for p in getattr(args, dest)])
+            files.update({_resolve(p): _setting(plan, dest)[0] for p in prefixes})
+    for dest in TOKENIZER_PATHS:
+        if getattr(args, dest):
+            setattr(args, dest, _resolve(getattr(args, dest)))
+            files[getattr(args, dest)] = _setting(plan, dest)[0]
     sources = {}
     for name, values in (("target", plan.target), (f"{path}.model", stage.model), ("training", plan.training),
                          (f"{path}.training", stage.training), ("data", plan.data), (parallel_path, stage.parallel)):
