@@ -19,7 +19,8 @@ import torch
 
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit
 from megagrow.growth.operators import GrowthError, Operator, Plan
-from megagrow.model.shape import ModelShape, expected_shapes
+from megagrow.model.layout import is_norm_weight
+from megagrow.model.shape import ModelShape, expected_shapes, zero_centered_gamma
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class DepthGrownView(DerivedView):
     def __init__(self, inner: CheckpointView, plan: list[NewLayer], args, seed: int):
         super().__init__(inner, args)
         self.plan, self.seed = plan, seed
+        self.zero_centered = zero_centered_gamma(args)
         self._last: tuple[int | None, Unit | None] = (None, None)
         self._dtypes: dict[str, torch.dtype] | None = None
 
@@ -162,7 +164,9 @@ class DepthGrownView(DerivedView):
         for state, tensors in unit.items():
             for name, t in tensors.items():
                 if _zeroed(name, new.init):
-                    tensors[name] = torch.zeros_like(t)
+                    # --apply-layernorm-1p stores a norm's scale minus 1: scale 0 is weight -1 (moments stay 0)
+                    scale_minus_1 = self.zero_centered and is_norm_weight(name) and state in ("model",) + _MAIN_COPIES
+                    tensors[name] = torch.full_like(t, -1.0 if scale_minus_1 else 0.0)
         return unit
 
     def _random_layer(self, index: int) -> Unit:
@@ -176,7 +180,8 @@ class DepthGrownView(DerivedView):
         for name, shape in expected_shapes(a)[1].items():
             weight = init_global_tensor(f"decoder.layers.{index}.{name}", shape, self.seed,
                                         getattr(a, "init_method_std", 0.02), a.num_layers,
-                                        getattr(a, "tokenizer_vocab_size", a.padded_vocab_size))
+                                        getattr(a, "tokenizer_vocab_size", a.padded_vocab_size),
+                                        self.zero_centered)
             unit["model"][name] = weight.to(self._dtypes["model"])
             for state in self.optimizer_states:
                 dtype = self._dtypes.get(state, torch.float32)

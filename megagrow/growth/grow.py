@@ -35,7 +35,8 @@ def _refuse_open_masks(view: CheckpointView, load: str) -> None:
 
 def grow(load: str, save: str, spec: str, sizes: dict[str, int | None], tp: int | None = None, pp: int | None = None,
          fmt: str | None = None, *, seed: int | None = None, with_optimizer: bool = True, force: bool = False,
-         progress: bool = True, rechunk: bool = False, data_path: list[str] | None = None) -> Grown:
+         progress: bool = True, rechunk: bool = False, data_path: list[str] | None = None,
+         vpp: int | None = None) -> Grown:
     """Grow the checkpoint at `load` into `save` with the operator `spec`. `sizes`: the grown model's
     num_layers, hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups (None or missing:
     unchanged; a depth spec may fix num_layers itself). `data_path`: learn's training data (default the run's)."""
@@ -51,7 +52,7 @@ def grow(load: str, save: str, spec: str, sizes: dict[str, int | None], tp: int 
         raise GrowthError("--data-path is read only by --op learn (the data its maps are fitted on)")
     check_source(view, with_optimizer)
     fmt = fmt or view.format
-    args = target_args(src, tp or src.tensor_model_parallel_size, pp or src.pipeline_model_parallel_size, fmt)
+    args = target_args(src, tp or src.tensor_model_parallel_size, pp or src.pipeline_model_parallel_size, fmt, vpp)
     for note in op.configure(plan, args, view):
         print(note, file=sys.stderr)
     seed = getattr(src, "seed", 1234) if seed is None else seed

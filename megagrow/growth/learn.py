@@ -124,7 +124,7 @@ def fit(view: CheckpointView, args, growth: LearnedGrowth, small: dict[str, torc
     (the validation split's first) before and after."""
     from torch.func import functional_call
     from megagrow.data.loader import build_datasets, microbatches
-    from megagrow.data.tokenizer import build_tokenizer
+    from megagrow.data.tokenizer import tokenizer_from_args
     from megagrow.model.gpt import build_gpt_model, transformer_config
     from megagrow.model.layout import fused_name, resize_vocab_rows, split_layer_key
     from megagrow.model.shape import padded_vocab_size
@@ -146,8 +146,7 @@ def fit(view: CheckpointView, args, growth: LearnedGrowth, small: dict[str, torc
     try:
         set_seeds(seed)
         try:
-            tokenizer = build_tokenizer(a.tokenizer_type, a.tokenizer_model, getattr(a, "vocab_size", None),
-                                        getattr(a, "vocab_extra_ids", 0))
+            tokenizer = tokenizer_from_args(a)
             train, valid, _ = build_datasets(a, tokenizer)
         except (OSError, ValueError) as e:  # e.g. a checkpoint moved away from its data
             raise GrowthError(f"learn: cannot read the training data: {e} (see --data-path)") from None

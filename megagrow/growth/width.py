@@ -2,11 +2,14 @@
 
 Every grown tensor is described by its axes: the hidden axis (residual stream), FFN units, query
 groups (qkv rows: per group its q heads, k, v) and attention heads (linear_proj columns). A map per
-axis sends each new index to the old index it copies, or -1 for a new one; the head size stays.
+axis sends each new index to the old index it copies, or -1 for a new one; the head size stays, and with it
+the q/k norms (--qk-layernorm). QKV biases follow the QKV rows (per query group). With --apply-layernorm-1p
+the maps act on a norm's scale, 1 + weight.
 - `direct`: old entries copied, new entries initialised as the trainer would.
 - `zero`: as direct, but whatever new would write into old outputs is zero (new embedding columns,
   output-projection rows of new hidden dims and columns of new heads/units) and RMSNorm weights are
-  scaled by sqrt(h/H) for the longer mean: the same function for RMSNorm models.
+  scaled by sqrt(h/H) for the longer mean: the same function for RMSNorm models (a hidden growth is refused
+  with --qk-layernorm, whose head-size norms share the epsilon it scales).
 - `random` (G_random): as direct, but new matrix entries drawn at the trained tensor's own scale
   (std of its old entries) rather than the trainer's initial one.
 - `fpi` (Net2Net): new units duplicate old ones (i -> i mod old), weights reading a duplicated axis are
@@ -30,7 +33,9 @@ import torch
 
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit
 from megagrow.growth.operators import GrowthError, Operator, Plan
-from megagrow.model.shape import WIDTH_FIELDS, ModelShape, expected_shapes, kv_channels, query_groups, tied
+from megagrow.model.layout import is_norm_weight
+from megagrow.model.shape import (WIDTH_FIELDS, ModelShape, expected_shapes, kv_channels, query_groups, tied,
+                                  zero_centered_gamma)
 
 _MAIN_COPIES = ("param", "fp32_param")
 
@@ -82,6 +87,8 @@ class WidthPlan(Plan):
             return [(None, False), h]
         if name == "output_layer.weight":
             return [(None, False), (m["hidden"], True)]
+        if name.endswith(("q_layernorm.weight", "q_layernorm.bias", "k_layernorm.weight", "k_layernorm.bias")):
+            return [(None, False)]  # over the head dim, which width growth keeps (heads grow in number)
         if "layer_norm" in name or "final_layernorm" in name:
             return [h]
         if name.endswith("linear_qkv.weight"):
@@ -146,6 +153,7 @@ class WidthGrownView(DerivedView):
     def __init__(self, inner: CheckpointView, plan: WidthPlan, args, seed: int):
         super().__init__(inner, args)
         self.plan, self.seed = plan, seed
+        self.zero_centered = zero_centered_gamma(args)
 
     def _unit(self, unit: Unit, shapes: dict, prefix: str, upper: Unit | None = None) -> Unit:
         from megagrow.model.init import init_global_tensor  # imports megatron-core: not needed for planning
@@ -155,12 +163,18 @@ class WidthGrownView(DerivedView):
             shape = shapes[name] if name in shapes else (old.shape[0],) + tuple(shapes[
                 "embedding.word_embeddings.weight"][1:])
             fresh = init_global_tensor(prefix + name, shape, self.seed, getattr(a, "init_method_std", 0.02),
-                                       a.num_layers, getattr(a, "tokenizer_vocab_size", a.padded_vocab_size))
+                                       a.num_layers, getattr(a, "tokenizer_vocab_size", a.padded_vocab_size),
+                                       self.zero_centered)
             fresh = self.plan.op.fresh(old, fresh)
+            # --apply-layernorm-1p stores a norm's scale minus 1: the maps act on the scale (moments are the same)
+            shift = 1.0 if self.zero_centered and is_norm_weight(name) else 0.0
+            work = torch.float32 if shift else old.dtype  # 1 + w in bf16 would round w away
 
             def above(state: str) -> torch.Tensor | None:
                 return None if upper is None else upper[state][name]
-            weight = self.plan.grow(name, old, fresh.to(old.dtype), 1, above("model"))
+            up = above("model")
+            weight = (self.plan.grow(name, old.to(work) + shift, fresh.to(work) + shift, 1,
+                                     None if up is None else up.to(work) + shift) - shift).to(old.dtype)
             out.setdefault("model", {})[name] = weight
             for state in self.optimizer_states:
                 if name not in unit.get(state, {}):
@@ -250,6 +264,10 @@ class Zero(WidthOperator):
         if old.normalization != "RMSNorm" and new.hidden_size != old.hidden_size:
             raise GrowthError("zero: keeping the function while the hidden size grows needs RMSNorm (LayerNorm's "
                               "mean would change); use --op fpi or direct")
+        if old.qk_layernorm and new.hidden_size != old.hidden_size:
+            raise GrowthError("zero: keeping the function while the hidden size grows scales --norm-epsilon by h/H, "
+                              "which would change the --qk-layernorm norms (over the head size, which stays); use "
+                              "--op fpi, or grow only --ffn-hidden-size and the heads")
 
     def configure(self, plan, args, source):
         notes = super().configure(plan, args, source)

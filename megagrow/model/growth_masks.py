@@ -56,6 +56,7 @@ class GrowthMasks:
         config = self.model.config
         self.rms = config.normalization == "RMSNorm"
         self.eps = config.layernorm_epsilon
+        self.gamma_offset = 1.0 if config.layernorm_zero_centered_gamma else 0.0  # --apply-layernorm-1p: 1 + weight
         gpt = self.model
         if gpt.pre_process:
             self.handles.append(gpt.embedding.register_forward_hook(lambda m, i, o: o * self._c(o)))
@@ -84,7 +85,7 @@ class GrowthMasks:
         if not self.rms:
             x = x - (x * c).sum(-1, keepdim=True) / total
         y = x * torch.rsqrt((x * x * c).sum(-1, keepdim=True) / total + self.eps)
-        y = y * module.weight.float()
+        y = y * (module.weight.float() + self.gamma_offset)
         if getattr(module, "bias", None) is not None:
             y = y + module.bias.float()
         return (y * c).to(output.dtype)

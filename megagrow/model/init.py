@@ -5,7 +5,8 @@ models at TP=1 and TP=2, or PP=1 and PP=2. megagrow draws every parameter's *glo
 generator keyed by (seed, global parameter name) and keeps this rank's chunk: one seed, one model,
 whatever the layout. That makes runs comparable across layouts, and grown models reproducible.
 Rules follow Megatron-LM: normal(0, std) weights, std/sqrt(2L) for the output projections of
-attention and MLP, zero biases, unit norm weights; padded vocabulary rows are zero.
+attention and MLP, zero biases, unit norm weights (0 with --apply-layernorm-1p, whose norms scale by
+1 + weight); padded vocabulary rows are zero.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def init_global_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int,
-                 vocab_size: int) -> torch.Tensor:
+                 vocab_size: int, zero_centered_gamma: bool = False) -> torch.Tensor:
     module, param = name.rsplit(".", 2)[-2:]
     if "norm" in module or "norm" in param:  # local spec's *layernorm.weight, TE's layer_norm_weight
-        return torch.ones(shape) if param.endswith("weight") else torch.zeros(shape)
+        unit = param.endswith("weight") and not zero_centered_gamma
+        return torch.ones(shape) if unit else torch.zeros(shape)
     if name.endswith("bias"):
         return torch.zeros(shape)
     if name.endswith(_SCALED):
@@ -53,7 +55,7 @@ def initialize_parameters(model: torch.nn.Module, config, seed: int, vocab_size:
         if tied_embeddings and name == "output_layer.weight":
             name = "embedding.word_embeddings.weight"  # last stage's copy of the tied embedding
         full = init_global_tensor(name, tp_global_shape(param.shape, name, tp_size), seed, config.init_method_std,
-                            config.num_layers, vocab_size)
+                            config.num_layers, vocab_size, config.layernorm_zero_centered_gamma)
         param.copy_(tp_local_chunk(full, name, tp_rank, tp_size, config.gated_linear_unit))
         # megatron-core only tags split weights when it initialises them itself; gradient-norm and
         # optimizer code read these tags to tell split parameters from replicated ones.

@@ -126,6 +126,12 @@ def spec_name(layer_relative_name: str, transformer_impl: str) -> str:
     return layer_relative_name
 
 
+def is_norm_weight(name: str) -> bool:
+    """A norm's scale (either spec's names, q/k norms, the final norm): --apply-layernorm-1p stores it minus 1."""
+    module, param = ("." + name).rsplit(".", 2)[-2:]
+    return param == "layer_norm_weight" or (param == "weight" and "norm" in module)
+
+
 def split_layer_key(key: str) -> tuple[int, str] | None:
     """`decoder.layers.3.mlp.linear_fc1.weight` -> (3, 'mlp.linear_fc1.weight'); None for other keys."""
     m = _LOCAL_LAYER.match(key)
@@ -211,6 +217,8 @@ def layer_param_order(args, transformer_impl: str = "local") -> list[str]:
     order = ["self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
              "self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
              "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+             "self_attention.q_layernorm.weight", "self_attention.q_layernorm.bias",
+             "self_attention.k_layernorm.weight", "self_attention.k_layernorm.bias",
              "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
              "mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.linear_fc2.weight", "mlp.linear_fc2.bias"]
     return [n for n in order if n in shapes]

@@ -62,11 +62,26 @@ def shape_problems(args, tp: int, pp: int) -> list[str]:
         getattr(args, "decoder_last_pipeline_num_layers", None) is not None
     if pp > args.num_layers or (args.num_layers % pp and not uneven):
         problems.append(f"{args.num_layers} layers do not split into {pp} equal pipeline stages")
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    if vpp and (pp < 2 or (args.num_layers // pp) % vpp):
+        problems.append(f"{args.num_layers} layers at PP={pp} do not split into {vpp} model chunks per pipeline rank"
+                        + (" (a virtual pipeline needs PP 2 or more)" if pp < 2 else ""))
     return problems
 
 
 def gated(args) -> bool:
     return bool(getattr(args, "swiglu", False))
+
+
+def qkv_bias(args) -> bool:
+    """linear_qkv has a bias: with every linear's (Megatron-LM's default) or alone (--add-qkv-bias, Qwen2)."""
+    return bool(getattr(args, "add_bias_linear", True) or getattr(args, "add_qkv_bias", False))
+
+
+def zero_centered_gamma(args) -> bool:
+    """--apply-layernorm-1p: norms scale by 1 + weight. Megatron-LM <= 0.15 saved it as apply_layernorm_1p,
+    0.16+ under TransformerConfig's name."""
+    return bool(getattr(args, "layernorm_zero_centered_gamma", False) or getattr(args, "apply_layernorm_1p", False))
 
 
 def tied(args) -> bool:
@@ -89,9 +104,15 @@ def expected_shapes(args) -> tuple[dict[str, tuple], dict[str, tuple]]:
     if layer_norm:
         layer["self_attention.linear_qkv.layer_norm_bias"] = (h,)
         layer["mlp.linear_fc1.layer_norm_bias"] = (h,)
+    if getattr(args, "qk_layernorm", False):  # one norm over the head dim, shared by all heads (replicated over TP)
+        for norm in ("q_layernorm", "k_layernorm"):
+            layer[f"self_attention.{norm}.weight"] = (d,)
+            if layer_norm:
+                layer[f"self_attention.{norm}.bias"] = (d,)
+    if qkv_bias(args):
+        layer["self_attention.linear_qkv.bias"] = ((heads + 2 * groups) * d,)
     if bias:
-        layer.update({"self_attention.linear_qkv.bias": ((heads + 2 * groups) * d,),
-                      "self_attention.linear_proj.bias": (h,), "mlp.linear_fc1.bias": (fc1_rows,),
+        layer.update({"self_attention.linear_proj.bias": (h,), "mlp.linear_fc1.bias": (fc1_rows,),
                       "mlp.linear_fc2.bias": (h,)})
     vocab = args.padded_vocab_size
     glob = {"embedding.word_embeddings.weight": (vocab, h), "decoder.final_layernorm.weight": (h,)}
@@ -126,6 +147,12 @@ class ModelShape:
     """LayerNorm (weight and bias) or RMSNorm (weight only)."""
     add_bias_linear: bool = True
     """Biases on the linear layers (Megatron-LM's flag: --disable-bias-linear turns them off)."""
+    add_qkv_bias: bool = False
+    """A bias on linear_qkv even without the other biases (--add-qkv-bias, Qwen2)."""
+    qk_layernorm: bool = False
+    """A norm (of --normalization's kind) on each head's queries and keys (--qk-layernorm)."""
+    layernorm_zero_centered_gamma: bool = False
+    """Norms scale by 1 + weight, weights start at 0 (--apply-layernorm-1p)."""
     untie_embeddings_and_output_weights: bool = False
     """A separate output layer instead of the word embedding."""
     position_embedding_type: str = "learned_absolute"
@@ -150,6 +177,7 @@ class ModelShape:
     def from_args(cls, args, **overrides) -> "ModelShape":
         """From a Namespace with Megatron-LM's arg names (the trainer's, or a checkpoint's saved args)."""
         values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        values["layernorm_zero_centered_gamma"] = zero_centered_gamma(args)
         if "vocab_size" not in values and getattr(args, "tokenizer_vocab_size", None):
             values["vocab_size"] = args.tokenizer_vocab_size
         if "vocab_size" not in values and getattr(args, "padded_vocab_size", None):
@@ -162,6 +190,10 @@ class ModelShape:
         values = {k: v for k, v in flags.items() if k in _FIELD_NAMES and v is not None}
         if flags.get("disable_bias_linear"):
             values["add_bias_linear"] = False
+        if flags.get("apply_layernorm_1p"):
+            values["layernorm_zero_centered_gamma"] = True
+        if flags.get("use_rotary_position_embeddings"):  # Megatron-LM's deprecated spelling
+            values["position_embedding_type"] = "rope"
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def with_sizes(self, **sizes) -> "ModelShape":
@@ -184,6 +216,10 @@ class ModelShape:
                 continue
             if f.name == "add_bias_linear":
                 out["disable_bias_linear"] = not value
+            elif f.name == "layernorm_zero_centered_gamma":
+                out["apply_layernorm_1p"] = value
+            elif f.name == "add_qkv_bias" and self.add_bias_linear:
+                continue  # implied by the other biases
             elif f.name == "num_query_groups" and not self.group_query_attention:
                 continue
             else:
