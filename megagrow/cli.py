@@ -44,7 +44,7 @@ def cmd_inspect(a) -> int:
 def cmd_convert(a) -> int:
     from megagrow.checkpoint.convert import convert
     out = convert(a.load, a.save, a.target_tp, a.target_pp, a.ckpt_format, not a.no_optimizer, a.force,
-                  progress=not a.quiet, rechunk=a.rechunk)
+                  progress=not a.quiet, rechunk=a.rechunk, target_vpp=a.target_vpp)
     print(f"wrote {out}")
     return 0
 
@@ -55,7 +55,7 @@ def cmd_grow(a) -> int:
                                         "num_query_groups")}
     grown = grow(a.load, a.save, a.op, sizes, a.target_tp, a.target_pp, a.ckpt_format, seed=a.seed,
                  with_optimizer=not a.no_optimizer, force=a.force, progress=not a.quiet, rechunk=a.rechunk,
-                 data_path=a.data_path)
+                 data_path=a.data_path, vpp=a.target_vpp)
     print(grown.report)
     print(f"wrote {grown.path}")
     return 0
@@ -117,7 +117,8 @@ def cmd_plan(a, rest: list[str]) -> int:
     options = checked_options()  # this command's own flags, before any plan is made
     g = from_argv(rest)
     target, data = g.get("model", {}), g.get("data", {})
-    training = {**g.get("training", {}), **g.get("logging", {}), **g.get("checkpointing", {})}
+    training = {**g.get("training", {}), **g.get("performance", {}), **g.get("logging", {}),
+                **g.get("checkpointing", {})}
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
         if key not in target:
             raise PlanError(f"plan: the target's --{key.replace('_', '-')} is required")
@@ -127,18 +128,14 @@ def cmd_plan(a, rest: list[str]) -> int:
     training.setdefault("micro_batch_size", 1)
     training.setdefault("lr", 3e-4)
     vocab = data.get("vocab_size")
-    if vocab is None and data.get("tokenizer_model"):
-        from megagrow.data.tokenizer import build_tokenizer
-        kind = data.get("tokenizer_type") or "GPTSentencePieceTokenizer"
-        if kind == "NullTokenizer":
+    if vocab is None and (data.get("tokenizer_model") or data.get("vocab_file")):
+        from megagrow.data.tokenizer import TokenizerError, tokenizer_flags, tokenizer_from_args
+        if tokenizer_flags(data)["tokenizer_type"] == "NullTokenizer":
             raise PlanError("plan: --tokenizer-type NullTokenizer needs --vocab-size")
         try:
-            vocab = build_tokenizer(kind, data["tokenizer_model"], None, data.get("vocab_extra_ids", 0)).vocab_size
-        except (OSError, ValueError, RuntimeError) as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if os.path.isfile(data["tokenizer_model"]):
-                why = f"not a sentencepiece model ({why})"
-            raise PlanError(f"plan: --tokenizer-model {data['tokenizer_model']}: {why}") from None
+            vocab = tokenizer_from_args(data).vocab_size
+        except TokenizerError as e:
+            raise PlanError(f"plan: {e}") from None
     if vocab is None:
         raise PlanError("plan: give --tokenizer-model or --vocab-size (FLOPs and sizes depend on it)")
     parallel = {**g.get("parallelism", {}), "nproc": a.nproc}
@@ -231,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", required=True)
     c.add_argument("--target-tp", type=int, default=None)
     c.add_argument("--target-pp", type=int, default=None)
+    c.add_argument("--target-vpp", type=int, default=None,
+                   help="model chunks per pipeline rank (Megatron-LM's --num-virtual-stages-per-pipeline-rank; "
+                        "1: none; default: the source's at the same PP)")
     c.add_argument("--ckpt-format", default=None,
                    help="a registered format (checkpoint.io.FORMATS: torch_dist, torch); default: the source's")
     c.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state")
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, type=int, default=None, help="width of the grown model")
     g.add_argument("--target-tp", type=int, default=None)
     g.add_argument("--target-pp", type=int, default=None)
+    g.add_argument("--target-vpp", type=int, default=None,
+                   help="model chunks per pipeline rank (Megatron-LM's --num-virtual-stages-per-pipeline-rank; "
+                        "1: none; default: the source's at the same PP)")
     g.add_argument("--ckpt-format", default=None, help="torch or torch_dist (default: the source's)")
     g.add_argument("--seed", type=int, default=None, help="for new random parameters (default: the run's --seed)")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -336,7 +339,7 @@ def _main(argv: list[str] | None) -> int:
     if rest and not getattr(args, "takes_rest", False):
         print(f"error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
         return 2
-    for flag in ("target_tp", "target_pp"):
+    for flag in ("target_tp", "target_pp", "target_vpp"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 1

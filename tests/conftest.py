@@ -97,3 +97,37 @@ def torchrun(nproc: int, argv: list[str], metrics_file, timeout: int = 300) -> R
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = [json.loads(l) for l in open(metrics_file)] if os.path.exists(metrics_file) else []
     return Run(out.returncode, out.stdout + out.stderr, metrics)
+
+
+BPE_VOCAB = 600
+BPE_EOD = "<|endoftext|>"
+
+
+@pytest.fixture(scope="session")
+def bpe_corpus(tmp_path_factory):
+    """megagrow's own source files, one document each, as JSONL (corpus.jsonl in the returned folder)."""
+    import glob
+    d = tmp_path_factory.mktemp("bpe")
+    files = sorted(glob.glob(os.path.join(ROOT, "megagrow", "**", "*.py"), recursive=True))
+    with open(d / "corpus.jsonl", "w") as f:
+        for path in files:
+            f.write(json.dumps({"text": open(path, encoding="utf-8").read()}) + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def bpe(bpe_corpus):
+    """A byte-level BPE trained on the corpus (the `tokenizers` library), saved (a) as a Hugging Face tokenizer
+    directory and (b) as GPT-2's vocab.json and merges.txt: {"hf": dir, "vocab": path, "merges": path}."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    docs = [json.loads(line)["text"] for line in open(bpe_corpus / "corpus.jsonl")]
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(docs, vocab_size=BPE_VOCAB, min_frequency=2, special_tokens=[BPE_EOD],
+                            show_progress=False)
+    assert tok.get_vocab_size() == BPE_VOCAB
+    (bpe_corpus / "gpt2").mkdir()
+    vocab, merges = tok.save_model(str(bpe_corpus / "gpt2"))
+    PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, eos_token=BPE_EOD, bos_token=BPE_EOD,
+                            unk_token=BPE_EOD).save_pretrained(str(bpe_corpus / "hf"))
+    return {"hf": str(bpe_corpus / "hf"), "vocab": vocab, "merges": merges}

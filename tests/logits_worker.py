@@ -1,4 +1,5 @@
-"""torchrun worker: load a checkpoint into megatron-core GPTModels at its own TP/PP and save the logits.
+"""torchrun worker: load a checkpoint into megatron-core GPTModels at its own TP/PP (and model chunks per
+pipeline rank) and save the logits.
 
 Usage: torchrun --nproc-per-node TP*PP tests/logits_worker.py CHECKPOINT_ROOT OUT.pt
 The logits of fixed tokens (vocabulary gathered over TP, padding rows dropped) are saved by the
@@ -36,12 +37,17 @@ def main(root: str, out: str) -> None:
     args.transformer_impl = None  # whichever spec this machine has: checkpoints are spec-independent here
     # Megatron-LM records only the padded vocabulary; its rows past the tokenizer's are padding.
     args.tokenizer_vocab_size = getattr(args, "tokenizer_vocab_size", args.padded_vocab_size)
-    initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, "gloo")
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, "gloo",
+                           virtual_pipeline_size=vpp)
     set_seeds(args.seed)
-    model = build_gpt_model(args, transformer_config(args), args.tokenizer_vocab_size)
-    iteration, _, run_state = load_checkpoint(root, _Wrapped(model), None, None, args)
+    config = transformer_config(args)
+    chunks = [build_gpt_model(args, config, args.tokenizer_vocab_size, vp) for vp in (range(vpp) if vpp else [None])]
+    iteration, _, run_state = load_checkpoint(root, [_Wrapped(c) for c in chunks], None, None, args)
+    model = chunks[0]
     install_growth_masks(model, args, run_state, iteration)  # masked width growth: as the trainer would resume it
-    model.eval()
+    for chunk in chunks:
+        chunk.eval()
     g = torch.Generator().manual_seed(0)
     vocab = args.tokenizer_vocab_size
     tokens = torch.randint(0, vocab, (2, 32), generator=g)
@@ -58,8 +64,11 @@ def main(root: str, out: str) -> None:
         return output, keep
 
     with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
-                                    num_microbatches=1, seq_length=32, micro_batch_size=2, forward_only=True)
+        # the interleaved schedule (a virtual pipeline) runs whole rounds of PP microbatches: the first is kept
+        n = args.pipeline_model_parallel_size if vpp else 1
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=[iter([batch] * n) for _ in chunks]
+                                    if vpp else iter([batch]), model=chunks, num_microbatches=n, seq_length=32,
+                                    micro_batch_size=2, forward_only=True)
     if parallel_state.is_pipeline_last_stage():
         local = logits[0].contiguous()
         parts = [torch.empty_like(local) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]

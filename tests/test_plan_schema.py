@@ -109,6 +109,7 @@ CASES = [
     (_set("stages.1.parallel.tensor_parallel", 2), "stages[1].parallel.tensor_parallel: not a Megatron-LM flag"),
     (_set("stages.1.model", {"num_layer": 4}), "stages[1].model.num_layer: not a Megatron-LM flag"),
     (_set("training.lr", "fast"), "training.lr: expected"),
+    (_set("training.train_samples", 64), "training.train_samples: a plan counts iterations"),
     (_set("stages.0.parallel.nproc", "two"), "stages[0].parallel.nproc: expected an integer"),
     (_set("target.num_layers", 4.5), "target.num_layers: expected an integer"),
     (_set("stages.1.lr.schedule", "rewarn"), "stages[1].lr.schedule: 'rewarn' is not one of"),

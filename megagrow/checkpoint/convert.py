@@ -1,4 +1,5 @@
-"""`megagrow checkpoint convert`: rewrite a checkpoint at another TP/PP and/or format."""
+"""`megagrow checkpoint convert`: rewrite a checkpoint at another TP/PP (and model chunks per pipeline rank)
+and/or format."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint,
 
 def convert(load: str, save: str, target_tp: int | None = None, target_pp: int | None = None,
             fmt: str | None = None, with_optimizer: bool = True, force: bool = False,
-            progress: bool = True, rechunk: bool = False) -> str:
+            progress: bool = True, rechunk: bool = False, target_vpp: int | None = None) -> str:
     """torch_dist to torch_dist copies the stored chunks byte for byte (they hold global coordinates,
     valid at any parallelism) unless `rechunk` asks for the chunks the target ranks would write."""
     check_target(save, force, load)
@@ -19,7 +20,7 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     tp = target_tp or src.tensor_model_parallel_size
     pp = target_pp or src.pipeline_model_parallel_size
     fmt = fmt or view.format
-    args = target_args(src, tp, pp, fmt)
+    args = target_args(src, tp, pp, fmt, target_vpp)
     # dp_reshardable's flat optimizer buckets are not per-parameter chunks: stream those checkpoints
     copy_chunks = view.format == fmt == "torch_dist" and not rechunk and not view.dp_reshardable
     return write_checkpoint(view if copy_chunks else VocabResized(view, args.padded_vocab_size), save, args, fmt,

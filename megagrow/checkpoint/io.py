@@ -22,7 +22,7 @@ from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, 
 from megagrow.checkpoint.target import check_target, writing
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, check_target_parallelism, vocab_rows
 from megagrow.model.layout import resize_vocab_rows
-from megagrow.model.shape import ModelShape, parameter_count, shape_problems
+from megagrow.model.shape import ModelShape, parameter_count, qkv_bias, shape_problems
 from megagrow.registry import Registry
 
 
@@ -97,9 +97,15 @@ class VocabResized(DerivedView):
         return unit
 
 
-def target_args(args, tp: int, pp: int, fmt: str):
-    """The source's args as the target's: its parallelism, format and vocabulary padding."""
+def target_args(args, tp: int, pp: int, fmt: str, vpp: int | None = None):
+    """The source's args as the target's: its parallelism (`vpp` model chunks per pipeline rank; default the
+    source's at the same PP, else one), format and vocabulary padding."""
     new = copy.deepcopy(args)
+    source_vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    vpp = vpp or (source_vpp if pp == args.pipeline_model_parallel_size else None)
+    new.virtual_pipeline_model_parallel_size = vpp if vpp and vpp > 1 else None
+    new.num_virtual_stages_per_pipeline_rank = new.virtual_pipeline_model_parallel_size
+    new.num_layers_per_virtual_pipeline_stage = None
     dp = getattr(args, "data_parallel_size", 1) or 1
     new.tensor_model_parallel_size, new.pipeline_model_parallel_size = tp, pp
     new.world_size = tp * pp * dp
@@ -207,6 +213,10 @@ def inspect(path: str) -> dict:
                   "num_query_groups": shape.num_query_groups, "swiglu": shape.swiglu,
                   "normalization": getattr(a, "normalization", None),
                   "tied_embeddings": not shape.untie_embeddings_and_output_weights,
+                  "qk_layernorm": shape.qk_layernorm, "qkv_bias": qkv_bias(a),
+                  "zero_centered_gamma": shape.layernorm_zero_centered_gamma,
+                  "rope_scaling_factor": getattr(a, "rope_scaling_factor", 8.0)
+                  if getattr(a, "use_rope_scaling", False) else None,
                   "padded_vocab_size": a.padded_vocab_size},
         "parameters": parameter_count(a),
         "optimizer": (None if view.optimizer is None else

@@ -97,6 +97,9 @@ class TorchView(CheckpointView):
                 self._open.clear()  # keep one pipeline stage's files mapped
             path = os.path.join(self.path, rank_dir(tp_rank, pp_rank, self.pp), SHARD_FILE)
             sd = load_shard(path)
+            if "model" not in sd and "model0" in sd:
+                raise CheckpointError(f"{path}: virtual-pipeline torch-format checkpoints (model0, model1, ...) are "
+                                      "not read by megagrow yet (Megatron-LM can save it as torch_dist)")
             sd["_by_name"] = _optimizer_by_name(sd, path, self.optimizer is not None)
             self._open[(tp_rank, pp_rank)] = sd
         return self._open[(tp_rank, pp_rank)]
@@ -181,6 +184,9 @@ def _optimizer_by_name(sd: dict, path: str, wanted: bool) -> dict[str, dict[str,
 def write_torch(view: CheckpointView, out_dir: str, args, tp: int, pp: int, with_optimizer: bool,
                 progress=None) -> None:
     """Write `view` in the legacy torch format at TP=tp, PP=pp, one rank file at a time."""
+    if getattr(args, "virtual_pipeline_model_parallel_size", None):
+        raise CheckpointError("--ckpt-format torch with virtual pipeline stages is not written by megagrow yet "
+                              "(use torch_dist, or one model chunk per pipeline rank)")
     impl = getattr(args, "transformer_impl", None) or "local"
     with_optimizer = with_optimizer and view.optimizer is not None
     if with_optimizer and (set(view.optimizer_states) != {"exp_avg", "exp_avg_sq"} or impl != "local"):

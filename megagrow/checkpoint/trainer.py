@@ -19,6 +19,10 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
+                                                            get_default_save_sharded_strategy)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
+                                                                        FullyParallelSaveStrategyWrapper)
 
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -27,14 +31,18 @@ from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, 
 from megagrow.checkpoint.io import detect_format
 from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
 from megagrow.checkpoint.view import RUN_STATE_KEY, run_state
-from megagrow.model.shape import padded_vocab_size
+from megagrow.model.shape import padded_vocab_size, qkv_bias, zero_centered_gamma
+from megagrow.runtime.distributed import print_rank_0
 from megagrow.runtime.versions import READS_COMMON_STATE_IN_DCP
 
 CHECKPOINT_VERSION = 3.0
 # Architecture fields a checkpoint must agree on to be loaded into a model (parallelism may differ).
 MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
                     "swiglu", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights",
-                    "add_bias_linear")
+                    "add_bias_linear", "add_qkv_bias", "qk_layernorm", "layernorm_zero_centered_gamma")
+_FLAG_NAMES = {"layernorm_zero_centered_gamma": "--apply-layernorm-1p"}  # flags whose dest is not their name
+# Fields that args which do not record them (older checkpoints) still determine.
+_DERIVABLE = ("kv_channels", "add_qkv_bias", "qk_layernorm", "layernorm_zero_centered_gamma")
 
 
 def _rng_state() -> dict:
@@ -79,11 +87,19 @@ def _loaded_content_metadata(common: dict, stored_keys) -> dict:
     return written_content_metadata(True, "dp_reshardable" if dp_sharded else "fully_reshardable")
 
 
+def model_keys(model) -> dict[str, object]:
+    """Megatron-LM's state-dict key of each model chunk: "model", or model0, model1, ... with a virtual
+    pipeline (`model`: one DDP-wrapped chunk or the list of them)."""
+    chunks = model if isinstance(model, list) else [model]
+    return {"model": chunks[0]} if len(chunks) == 1 else {f"model{i}": c for i, c in enumerate(chunks)}
+
+
 def _sharded_state_dict(model, optimizer, scheduler, args, iteration: int, metadata: dict,
                         is_loading: bool, with_optimizer: bool = True, with_rng: bool = True,
                         run_state: dict | None = None) -> dict:
-    model_sd = model.module.sharded_state_dict(metadata=metadata)
-    state = {"model": model_sd, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+    # Sharded keys are global (layer offsets include the chunk's), so any layout reads them.
+    model_sd = {key: chunk.module.sharded_state_dict(metadata=metadata) for key, chunk in model_keys(model).items()}
+    state = {**model_sd, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
              "args": args, "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0),
              RUN_STATE_KEY: run_state or {}}
     if with_optimizer and optimizer is not None:
@@ -100,8 +116,26 @@ def _write_torch_dist(tmp: str, iteration: int, model, optimizer, scheduler, arg
     meta = written_content_metadata(args.use_distributed_optimizer,
                                     getattr(args, "dist_ckpt_optim_sharding", "fully_reshardable"))
     state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, meta, is_loading=False,
-                                run_state=run_state)
-    dist_checkpointing.save(state, tmp, content_metadata=meta)
+                                run_state=run_state, with_optimizer=not getattr(args, "no_save_optim", False),
+                                with_rng=not getattr(args, "no_save_rng", False))
+    dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(args), content_metadata=meta)
+
+
+def _save_strategy(args):
+    """Megatron-LM's: replicated tensors' writes spread over data-parallel ranks unless
+    --no-ckpt-fully-parallel-save."""
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if getattr(args, "ckpt_fully_parallel_save", True) and parallel_state.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_state.get_data_parallel_group(),
+                                                    getattr(args, "ckpt_assume_constant_structure", False))
+    return strategy
+
+
+def _load_strategy(args, path: str):
+    strategy = get_default_load_sharded_strategy(path)
+    if getattr(args, "ckpt_fully_parallel_load", False) and parallel_state.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, parallel_state.get_data_parallel_group())
+    return strategy
 
 
 def _write_torch(tmp: str, iteration: int, model, optimizer, scheduler, args, run_state: dict) -> None:
@@ -113,8 +147,10 @@ def _write_torch(tmp: str, iteration: int, model, optimizer, scheduler, args, ru
                                    parallel_state.get_pipeline_model_parallel_world_size()))
     os.makedirs(d)
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-             "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-             "opt_param_scheduler": scheduler.state_dict(), "rng_state": [_rng_state()],
+             **{key: chunk.module.state_dict() for key, chunk in model_keys(model).items()},
+             **({} if getattr(args, "no_save_optim", False) else
+                {"optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict()}),
+             **({} if getattr(args, "no_save_rng", False) else {"rng_state": [_rng_state()]}),
              "num_floating_point_operations_so_far": getattr(args, "num_floating_point_operations_so_far", 0),
              RUN_STATE_KEY: run_state}
     torch.save(state, os.path.join(d, SHARD_FILE))
@@ -157,16 +193,22 @@ def _derived(a, name: str):
         return a.hidden_size // a.num_attention_heads
     if name == "num_query_groups" and not getattr(a, "group_query_attention", True):
         return a.num_attention_heads
+    if name == "add_qkv_bias":
+        return qkv_bias(a)
+    if name == "layernorm_zero_centered_gamma":
+        return zero_centered_gamma(a)
+    if name == "qk_layernorm":
+        return bool(value)
     return value
 
 
 def _check_compatible(saved_args, args, path: str) -> None:
     for name in MODEL_SHAPE_ARGS:
-        if getattr(saved_args, name, None) is None and name != "kv_channels":
+        if getattr(saved_args, name, None) is None and name not in _DERIVABLE:
             continue
         saved, wanted = _derived(saved_args, name), _derived(args, name)
         if saved != wanted:
-            flag = "--" + name.replace("_", "-")
+            flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
             raise CheckpointError(f"{path}: checkpoint has {flag} {saved}, this run asks for {wanted}")
     _check_vocabulary(saved_args, args, path)
 
@@ -207,8 +249,13 @@ def _load_torch_dist(path: str, model, optimizer, scheduler, args, iteration: in
         _materialize_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, _loaded_content_metadata(common, stored),
                                 is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
-    loaded = dist_checkpointing.load(state, path)
-    model.module.load_state_dict(loaded["model"])
+    loaded = dist_checkpointing.load(state, path, sharded_strategy=_load_strategy(args, path),
+                                     strict=getattr(args, "dist_ckpt_strictness", "assume_ok_unexpected"))
+    if isinstance(loaded, tuple):  # --dist-ckpt-strictness return_*: (state, missing keys, unexpected keys)
+        loaded, missing, unexpected = loaded
+        print_rank_0(f" checkpoint keys the model lacks: {sorted(unexpected)}; missing: {sorted(missing)}")
+    for key, chunk in model_keys(model).items():
+        chunk.module.load_state_dict(loaded[key])
     if load_optim:
         with torch.no_grad():  # the dp_reshardable restore copies into parameter views in place
             optimizer.load_state_dict(loaded["optimizer"])
@@ -286,7 +333,13 @@ def _load_torch(path: str, model, optimizer, scheduler, args, iteration: int, sa
             flag = "--" + n.replace("_", "-")
             raise CheckpointError(f"{path}: a torch-format checkpoint saved with {flag} {getattr(saved_args, n)} "
                                   f"loads only at that size (convert it: megagrow checkpoint convert)")
-    model.module.load_state_dict(state["model"])
+    for n in ("virtual_pipeline_model_parallel_size",):
+        if getattr(saved_args, n, None) != getattr(args, n, None):
+            raise CheckpointError(f"{path}: a torch-format checkpoint saved with {getattr(saved_args, n, None) or 1} "
+                                  f"model chunks per pipeline rank loads only with as many (convert it: megagrow "
+                                  f"checkpoint convert)")
+    for key, chunk in model_keys(model).items():
+        chunk.module.load_state_dict(state[key])
     if not (args.no_load_optim or args.finetune) and state.get("optimizer"):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["opt_param_scheduler"])

@@ -14,7 +14,8 @@ from megagrow.runtime import cpu_compat
 
 
 def initialize_distributed(tensor_parallel_size: int, pipeline_parallel_size: int,
-                           backend: str | None = None, timeout_minutes: int = 10) -> None:
+                           backend: str | None = None, timeout_minutes: int = 10,
+                           virtual_pipeline_size: int | None = None) -> None:
     """Join the job launched by torchrun/srun (or a lone process) and build Megatron's groups."""
     if not torch.cuda.is_available():
         cpu_compat.apply()
@@ -31,7 +32,8 @@ def initialize_distributed(tensor_parallel_size: int, pipeline_parallel_size: in
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel_size,
-            pipeline_model_parallel_size=pipeline_parallel_size)
+            pipeline_model_parallel_size=pipeline_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_size)
 
 
 def set_seeds(seed: int) -> None:
@@ -62,3 +64,8 @@ def print_rank_0(*values) -> None:
 def print_rank_last(*values) -> None:
     if not torch.distributed.is_initialized() or is_last_rank():
         print(*values, flush=True)
+
+
+def collective_tensor(values: list[float], dtype=torch.float32) -> torch.Tensor:
+    """A small tensor for a collective: on the GPU with CUDA (NCCL reduces only GPU tensors), else the CPU."""
+    return torch.tensor(values, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")

@@ -36,9 +36,11 @@ _AT_LEAST_1 = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gr
                "micro_batch_size", "global_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                "log_interval", "eval_interval", "save_interval", "vocab_size")
 # Flags `training` may not set: a stage's shape is the target's plus its `model`, its layout its `parallel`
-# (seq_length is the one shape flag every stage shares; the backend is the machine's).
+# (seq_length is the one shape flag every stage shares; the backend and its timeout are the machine's).
 _STAGE_GROUPS = ("model", "parallelism")
-_SHARED = ("seq_length", "distributed_backend")
+_SHARED = ("seq_length", "distributed_backend", "distributed_timeout_minutes")
+# A plan's stages are counted in iterations by the driver: sample-counted run lengths cannot mix in.
+_SAMPLE_COUNTED = ("train_samples", "lr_decay_samples", "lr_warmup_samples", "rampup_batch_size")
 
 
 def _type_name(t) -> str:
@@ -233,6 +235,9 @@ def check_plan(raw) -> None:
     def training_flags(flags: dict, path: str) -> None:
         _flags(flags, all_flags, path)
         for key in flags:
+            if key in _SAMPLE_COUNTED:
+                raise PlanError(f"{path}.{key}: a plan counts iterations (the driver sets each stage's "
+                                "--train-iters from the budget); use lr_warmup_iters or lr_warmup_fraction")
             if key in stage_only and key not in _SHARED:
                 where = "target or a stage's model" if key in model_flags else "a stage's parallel"
                 raise PlanError(f"{path}.{key}: set it in {where} (every stage's shape and layout come from there)")

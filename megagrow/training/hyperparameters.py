@@ -29,21 +29,30 @@ def values_to_build(args) -> dict[str, float]:
         view.close()
     if not groups or "max_lr" not in groups[0]:
         return flags
-    g = groups[0]  # the decay group
+    g = main_param_group(view.optimizer)
     return {"lr": g["max_lr"], "min_lr": g.get("min_lr", args.min_lr),
             "weight_decay": g.get("start_wd", g.get("weight_decay", args.weight_decay))}
 
 
-def flag_values(args) -> dict[str, object]:
-    """The per-group values the run's flags ask for (megatron-core's key names)."""
-    return {"max_lr": args.lr, "min_lr": args.min_lr, "betas": (args.adam_beta1, args.adam_beta2),
-            "eps": args.adam_eps}
+def main_param_group(optimizer) -> dict:
+    """The first group on the run's own LR schedule (not --decoupled-lr's embedding and output layer):
+    megatron-core marks those `default_config`."""
+    groups = optimizer.param_groups
+    return next((g for g in groups if g.get("default_config", True)), groups[0])
+
+
+def flag_values(args, group: dict) -> dict[str, object]:
+    """The per-group values the run's flags ask for (megatron-core's key names); --decoupled-lr's own for
+    the embedding and output layer's groups."""
+    decoupled = not group.get("default_config", True) and args.decoupled_lr is not None
+    return {"max_lr": args.decoupled_lr if decoupled else args.lr,
+            "min_lr": (args.decoupled_min_lr if args.decoupled_min_lr is not None else args.min_lr) if decoupled
+            else args.min_lr, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_eps}
 
 
 def apply_after_load(optimizer, scheduler, args, restarted: bool, built: dict) -> None:
     """Settle the loaded param groups: this run's values, or the checkpoint's (neither flag: as loaded).
     `built`: the checkpoint's values the groups were built with (values_to_build)."""
-    wanted = flag_values(args)
     if args.use_checkpoint_opt_param_scheduler:
         # megatron-core's scheduler restores the LR schedule but not its weight decay: the checkpoint's too
         scheduler.start_wd = scheduler.end_wd = built["weight_decay"]
@@ -51,7 +60,7 @@ def apply_after_load(optimizer, scheduler, args, restarted: bool, built: dict) -
         return
     if args.override_opt_param_scheduler or restarted:
         for group in optimizer.param_groups:
-            for key, value in wanted.items():
+            for key, value in flag_values(args, group).items():
                 if key in group or key in ("max_lr", "min_lr"):
                     group[key] = value
             for key in ("start_wd", "end_wd"):  # megatron-core 0.19 keeps the decay per group too
@@ -63,7 +72,7 @@ def apply_after_load(optimizer, scheduler, args, restarted: bool, built: dict) -
 
 def in_effect(optimizer, scheduler) -> dict[str, object]:
     """What the next iteration trains with (the first group's values; weight decay of each group)."""
-    g = optimizer.param_groups[0]
+    g = main_param_group(optimizer)
     return {"lr": scheduler.get_lr(g), "max_lr": g.get("max_lr", scheduler.max_lr),
             "min_lr": g.get("min_lr", scheduler.min_lr),
             "weight_decay": sorted({grp["weight_decay"] for grp in optimizer.param_groups}),
