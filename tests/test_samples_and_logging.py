@@ -50,7 +50,9 @@ def test_ramp_matches_megatron_core_016():
     for start, incr, ramp, gbs in ((2, 2, 8, 6), (16, 16, 5000, 1536), (4, 4, 333, 64)):
         args = Namespace(rampup_batch_size=[str(start), str(incr), str(ramp)], global_batch_size=gbs,
                          train_samples=3 * ramp)
-        calc = RampupBatchsizeNumMicroBatchesCalculator(start, incr, ramp, gbs, 1, 1, False, rank=1)
+        calc = RampupBatchsizeNumMicroBatchesCalculator(
+            global_batch_size=gbs, micro_batch_size=1, data_parallel_size=1, decrease_batch_size_if_needed=False,
+            rank=1, start_global_batch_size=start, batch_size_increment=incr, ramup_samples=ramp)
         for consumed in range(0, ramp + 2 * gbs, max(1, start // 2)):
             calc.update(consumed, consistency_check=False)
             assert global_batch_at(consumed, args) == calc.get_current_global_batch_size(), (start, consumed)
