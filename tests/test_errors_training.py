@@ -128,7 +128,7 @@ CASES = {
               "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
     # the flags themselves: one line, not argparse's usage
     "not-an-int": ({"--seq-length": "sixty"}, [], 1, "argument --seq-length: invalid int value: 'sixty'"),
-    "unknown-flag": ({}, ["--seq-len", "64"], 1, "unrecognized arguments: --seq-len 64"),
+    "unknown-flag": ({}, ["--seq-len", "64"], 1, "unrecognized arguments: --seq-len (pretrain_gpt.py --help lists the flags)"),
     "required": ({"--lr": None}, [], 1, "the following arguments are required: --lr"),
     "eval-on-start": ({"--eval-iters": "0"}, ["--eval-on-start"], 1, "--eval-on-start needs --eval-iters above 0"),
     # data: the .idx header and the .bin size megatron-core's indexed dataset reads, and the split

@@ -318,7 +318,7 @@ PLAN_CASES = [
     (["--budget-flops=-1e20"], "plan: --budget-flops must be positive"),
     (["--nproc", "3", "--tensor-model-parallel-size", "2"], "stages[0].parallel.nproc: 3 processes are not a multiple"),
     (["--tensor-model-parallel-size", "3"], "stages[0].parallel.tensor_model_parallel_size: 3 does not divide"),
-    (["--tokenizer-model", "@TMP@/missing.model"], "plan: --tokenizer-model @TMP@/missing.model: tokenizer model not"),
+    (["--tokenizer-model", "@TMP@/missing.model"], "plan: tokenizer model not found: @TMP@/missing.model (--tokenizer-model)"),
     (["--tokenizer-model", "@TMP@/plan.yaml.bad"], "plan: --tokenizer-model @TMP@/plan.yaml.bad: not a sentencepiece"),
     (["--num-layerz", "3"], "unrecognized arguments: --num-layerz"),
 ]

@@ -46,12 +46,20 @@ def _stack(samples: list[dict]) -> dict:
             for key in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask") if key in samples[0]}
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """SLURM signals every process of a step: a worker must not die of the SIGTERM the trainer saves on."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def microbatches(dataset, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int, device,
                  num_workers: int = 0):
     """Endless microbatches for one data-parallel rank, starting at global sample `first_sample` (see
     _RankSamples), read by a DataLoader with `num_workers` processes (Megatron-LM's --num-workers; 0: here)."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_RankSamples(len(dataset), first_sample, micro_batch_size, dp_rank, dp_size),
-        num_workers=num_workers, collate_fn=_stack, pin_memory=str(device).startswith("cuda"))
+        num_workers=num_workers, collate_fn=_stack, pin_memory=str(device).startswith("cuda"),
+        worker_init_fn=_leave_signals_to_the_trainer)
     for batch in loader:
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
