@@ -267,6 +267,10 @@ def test_microbatches_workers_keep_the_order(data_dir, tok, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         first = 5 + step * 4 + 2  # rank 1 of DP 2 takes the second pair of each step's 4 samples
         assert torch.equal(a["tokens"][0], train[first]["tokens"])
+    # Reading leaves torch's global RNG alone (a resumed run restores it for dropout; evaluations start loaders).
+    state = torch.random.get_rng_state()
+    next(microbatches(train, 0, 2, 0, 1, "cpu"))
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_data_flags(data_dir, tmp_path):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
+import signal
+
 import torch
 
 
@@ -48,18 +53,29 @@ def _stack(samples: list[dict]) -> dict:
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
     """SLURM signals every process of a step: a worker must not die of the SIGTERM the trainer saves on."""
-    import signal
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@functools.cache
+def _kill_workers_at_exit() -> None:
+    """At exit multiprocessing ends daemonic children with SIGTERM and waits for them: ours ignore it, so a
+    loader still open then (an exception's frames hold it) would wait forever. Registered after
+    multiprocessing's handler, this runs first."""
+    atexit.register(lambda: [p.kill() for p in multiprocessing.active_children() if p.daemon])
 
 
 def microbatches(dataset, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int, device,
                  num_workers: int = 0):
     """Endless microbatches for one data-parallel rank, starting at global sample `first_sample` (see
-    _RankSamples), read by a DataLoader with `num_workers` processes (Megatron-LM's --num-workers; 0: here)."""
+    _RankSamples), read by a DataLoader with `num_workers` processes (Megatron-LM's --num-workers; 0: here).
+    The loader seeds its workers from its own generator: drawn from torch's global one, the seed would shift the
+    dropout stream a resumed run restores (each evaluation starts a loader)."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_RankSamples(len(dataset), first_sample, micro_batch_size, dp_rank, dp_size),
         num_workers=num_workers, collate_fn=_stack, pin_memory=str(device).startswith("cuda"),
-        worker_init_fn=_leave_signals_to_the_trainer)
+        worker_init_fn=_leave_signals_to_the_trainer, generator=torch.Generator().manual_seed(dp_rank))
+    if num_workers:
+        _kill_workers_at_exit()
     for batch in loader:
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
