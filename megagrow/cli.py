@@ -49,6 +49,18 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from megagrow.checkpoint.export import export
+    out = export(a.load, a.save, a.hf_family, a.max_shard_size, a.force, progress=not a.quiet)
+    print(f"wrote {out['path']} ({out['config']['architectures'][0]})")
+    if out["tokenizer"]:
+        print(f"  tokenizer copied from {out['tokenizer']}")
+    else:
+        print("  no Hugging Face tokenizer recorded in the checkpoint: save the tokenizer into it "
+              "(AutoTokenizer.from_pretrained(...).save_pretrained(SAVE)) before loading it with AutoTokenizer")
+    return 0
+
+
 def cmd_grow(a) -> int:
     from megagrow.growth.grow import grow
     sizes = {f: getattr(a, f) for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -217,7 +229,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="megagrow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    ck = sub.add_parser("checkpoint", help="inspect and convert Megatron checkpoints").add_subparsers(
+    ck = sub.add_parser("checkpoint", help="inspect, convert, grow and export checkpoints (Megatron or Hugging Face)").add_subparsers(
         dest="action", required=True)
     i = ck.add_parser("inspect", help="format, layout, model shape and completeness of a checkpoint")
     i.add_argument("dir", help="checkpoint root (with latest_checkpointed_iteration.txt) or iter_N directory")
@@ -232,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model chunks per pipeline rank (Megatron-LM's --num-virtual-stages-per-pipeline-rank; "
                         "1: none; default: the source's at the same PP)")
     c.add_argument("--ckpt-format", default=None,
-                   help="a registered format (checkpoint.io.FORMATS: torch_dist, torch); default: the source's")
+                   help="torch_dist or torch; default: the source's (torch_dist from a Hugging Face model)")
     c.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state")
     c.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
     c.add_argument("--rechunk", action="store_true",
@@ -240,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: copy the stored chunks as they are, which is valid at any TP/PP and faster)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
+
+    e = ck.add_parser("export", help="write a checkpoint as a Hugging Face model directory (safetensors)")
+    e.add_argument("--load", required=True, help="a Megatron checkpoint (any TP/PP, torch_dist or torch)")
+    e.add_argument("--save", required=True, help="the Hugging Face model directory to write")
+    e.add_argument("--hf-family", choices=["llama", "mistral", "qwen2", "qwen3"], default=None,
+                   help="default: the family the shape implies (q/k norms: qwen3; a QKV bias alone: qwen2; llama)")
+    e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (transformers' spelling)")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_export)
 
     g = ck.add_parser("grow", help="grow a checkpoint with a growth operator (megagrow ops list)", add_help=False,
                       formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,7 +4,7 @@ and/or format."""
 from __future__ import annotations
 
 from megagrow.checkpoint.target import check_target
-from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, target_args,
+from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, target_args, writable_format,
                                     write_checkpoint)
 
 
@@ -19,7 +19,7 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     src = view.args
     tp = target_tp or src.tensor_model_parallel_size
     pp = target_pp or src.pipeline_model_parallel_size
-    fmt = fmt or view.format
+    fmt = fmt or writable_format(view)
     args = target_args(src, tp, pp, fmt, target_vpp)
     # dp_reshardable's flat optimizer buckets are not per-parameter chunks: stream those checkpoints
     copy_chunks = view.format == fmt == "torch_dist" and not rechunk and not view.dp_reshardable

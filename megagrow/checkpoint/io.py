@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from megagrow.checkpoint import dcp_stream, legacy_stream
+from megagrow.checkpoint import dcp_stream, hf_stream, legacy_stream
 from megagrow.checkpoint.errors import TRACKER, CheckpointError, iteration_dir, read_tracker
 from megagrow.checkpoint.target import check_target, writing
 from megagrow.checkpoint.view import CheckpointView, DerivedView, Unit, check_target_parallelism, vocab_rows
@@ -31,7 +31,7 @@ class CheckpointFormat:
     name: str
     detect: Callable[[str], bool]  # does this iteration directory hold a checkpoint of the format (cheap)
     open: Callable[[str], CheckpointView]  # iteration directory -> view; raises CheckpointError
-    write: Callable  # (view, iteration dir, args, tp, pp, with_optimizer, progress) -> None
+    write: Callable | None  # (view, iteration dir, args, tp, pp, with_optimizer, progress) -> None; None: read only
 
 
 FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format", CheckpointError)
@@ -39,11 +39,18 @@ FORMATS.register("torch_dist", CheckpointFormat("torch_dist", dcp_stream.is_torc
                                                 dcp_stream.write_torch_dist))
 FORMATS.register("torch", CheckpointFormat("torch", legacy_stream.is_torch, legacy_stream.TorchView,
                                            legacy_stream.write_torch))
+# A Hugging Face model directory reads as a checkpoint; it is written by `checkpoint export` (checkpoint/export.py).
+FORMATS.register("hf", CheckpointFormat("hf", hf_stream.is_hf, hf_stream.HFView, None))
 
 
 def detect_format(it_dir: str) -> str | None:
     """The registered format of one iteration directory, or None."""
     return next((f.name for f in FORMATS.values() if f.detect(it_dir)), None)
+
+
+def writable_format(view: CheckpointView) -> str:
+    """A view's own format when megagrow writes it, else torch_dist (a Hugging Face model's default target)."""
+    return view.format if FORMATS.get(view.format).write is not None else "torch_dist"
 
 
 def find_iteration_dir(path: str, flag: str = "") -> str:
@@ -161,6 +168,9 @@ def write_checkpoint(view: CheckpointView, save: str, args, fmt: str, with_optim
                      copy_chunks: bool = False, layer_map: list[int] | None = None, load: str | None = None) -> str:
     """Write `view` under `save` (`iter_N/` + tracker): to a partial sibling, validated, then renamed."""
     writer = FORMATS.get(fmt, "--ckpt-format: ").write
+    if writer is None:
+        raise CheckpointError(f"--ckpt-format {fmt}: megagrow reads it but writes Megatron checkpoints as torch_dist "
+                              "or torch (a Hugging Face model: megagrow checkpoint export)")
     target = check_target(save, force, load)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     check_target_parallelism(args, tp, pp)

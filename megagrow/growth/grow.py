@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from megagrow.checkpoint.target import check_target
-from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, target_args,
+from megagrow.checkpoint.io import (VocabResized, check_source, open_checkpoint, target_args, writable_format,
                                     write_checkpoint)
 from megagrow.checkpoint.view import CheckpointView
 from megagrow.growth.operators import GrowthError
@@ -51,7 +51,7 @@ def grow(load: str, save: str, spec: str, sizes: dict[str, int | None], tp: int 
     if data_path and not op.reads_data:
         raise GrowthError("--data-path is read only by --op learn (the data its maps are fitted on)")
     check_source(view, with_optimizer)
-    fmt = fmt or view.format
+    fmt = fmt or writable_format(view)
     args = target_args(src, tp or src.tensor_model_parallel_size, pp or src.pipeline_model_parallel_size, fmt, vpp)
     for note in op.configure(plan, args, view):
         print(note, file=sys.stderr)
