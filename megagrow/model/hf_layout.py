@@ -158,7 +158,7 @@ def megatron_args(config: dict, tokenizer_dir: str | None = None) -> argparse.Na
                            consumed_train_samples=0, micro_batch_size=1, global_batch_size=1,
                            layernorm_zero_centered_gamma=False, tokenizer_vocab_size=vocab,
                            tokenizer_type="HuggingFaceTokenizer" if tokenizer_dir else None,
-                           tokenizer_model=tokenizer_dir)
+                           tokenizer_model=tokenizer_dir, hf_family=config["model_type"])
     a.padded_vocab_size = vocab  # the rows stored; a Megatron target pads them (checkpoint.view.vocab_rows)
     return a
 
@@ -174,8 +174,9 @@ def implied_family(args) -> str:
 
 
 def hf_config(args, family: str | None = None) -> dict:
-    """config.json for a Megatron model as `family` (default: implied_family); refuses what it cannot hold."""
-    family = family or implied_family(args)
+    """config.json for a Megatron model as `family` (default: the family it was imported from, else
+    implied_family); refuses what it cannot hold."""
+    family = family or getattr(args, "hf_family", None) or implied_family(args)
     if family not in FAMILIES:
         raise HFConfigError(f"--hf-family {family}: not one of {', '.join(FAMILIES)}")
     problems = [(flag, ok) for flag, ok in (
