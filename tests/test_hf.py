@@ -174,3 +174,36 @@ def test_bad_hugging_face_input_is_one_line_and_writes_nothing(hf_models, tmp_pa
                 convert(str(source), str(save), progress=False)
             assert "\n" not in str(e.value) and all(f in str(e.value) for f in fragments), str(e.value)
         assert not os.path.exists(save) and not os.path.exists(f"{save}.partial"), name
+
+
+@pytest.mark.slow
+def test_released_model_grown_trained_on_with_its_tokenizer_and_exported(bpe, bpe_corpus, data_dir, tmp_path):
+    """README's "Grow a released model": a Hugging Face model with its own tokenizer, grown with zero, trained
+    on text preprocessed with that tokenizer, exported with it; transformers loads both."""
+    from conftest import BPE_VOCAB, run_tool
+    released = make_hf("llama", tmp_path / "released")
+    config = json.load(open(released / "config.json"))
+    config["vocab_size"] = BPE_VOCAB
+    json.dump(config, open(released / "config.json", "w"))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(released)))
+    model.save_pretrained(str(released), max_shard_size="60KB")
+    transformers.AutoTokenizer.from_pretrained(bpe["hf"]).save_pretrained(str(released))
+    tok = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(released)]
+    run_tool("tools/preprocess_data.py", "--input", str(bpe_corpus / "corpus.jsonl"), "--output-prefix",
+             str(tmp_path / "text"), *tok, "--append-eod")
+    grown = tmp_path / "grown"
+    megagrow("checkpoint", "grow", "--load", str(released), "--save", str(grown), "--op", "zero", "--num-layers", "6",
+             "--quiet")
+    flags = {"--num-layers": "6", "--num-attention-heads": "8", "--num-query-groups": "4", "--ffn-hidden-size": "128",
+             "--disable-bias-linear": "", "--max-position-embeddings": "256", "--norm-epsilon": "1e-6",
+             "--tokenizer-type": tok[1], "--tokenizer-model": tok[3], "--data-path": str(tmp_path / "text_text_document"),
+             "--train-iters": "3", "--load": str(grown), "--save": str(tmp_path / "trained")}
+    run = torchrun(1, tiny_args(data_dir, **flags), tmp_path / "m.jsonl")
+    assert run.returncode == 0 and "loaded checkpoint" in run.output, run.output
+    assert sorted(run.losses()) == [1, 2, 3]
+    exported = tmp_path / "exported"
+    out = megagrow("checkpoint", "export", "--load", str(tmp_path / "trained"), "--save", str(exported), "--quiet")
+    assert "tokenizer copied" in out.stdout
+    assert transformers.AutoTokenizer.from_pretrained(str(exported)).encode("def f(x):") == \
+        transformers.AutoTokenizer.from_pretrained(bpe["hf"]).encode("def f(x):")
+    assert (hf_logits(exported, BPE_VOCAB) - logits(tmp_path / "trained", 1, tmp_path)).abs().max() <= 1e-4

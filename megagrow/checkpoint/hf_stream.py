@@ -76,11 +76,14 @@ class HFView(CheckpointView):
             raise CheckpointError(f"{path}/{e}") from None
         self.config = config
         weight_map, files = _weight_files(path)
-        self._open = {f: self._open_file(f) for f in files}  # headers read (and checked) up front
-        self._where = weight_map or {name: files[0] for name in self._names(files[0])}
+        # Headers are read (and checked) up front; tensors are read per unit with the file opened for that
+        # unit only, so the mapped pages of what was read are released rather than held until the end.
+        self._shapes = {f: self._header(f) for f in files}
+        self._where = weight_map or {name: files[0] for name in self._shapes[files[0]]}
         super().__init__(args=args, iteration=0, optimizer=None, extra={})
 
-    def _open_file(self, name: str):
+    def _load(self, name: str):
+        """A file's tensors, lazily: safetensors' memory-mapped handle, or torch.load's mapped dict."""
         full = os.path.join(self.path, name)
         try:
             if name.endswith(".safetensors"):
@@ -91,34 +94,37 @@ class HFView(CheckpointView):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{full}: not a readable {name.rsplit('.', 1)[-1]} file ({first})") from None
 
-    def _names(self, file: str):
-        handle = self._open[file]
-        return handle.keys()
+    def _header(self, name: str) -> dict[str, tuple[int, ...]]:
+        handle = self._load(name)
+        if isinstance(handle, dict):
+            return {k: tuple(v.shape) for k, v in handle.items() if isinstance(v, torch.Tensor)}
+        with handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
 
-    def _tensor(self, name: str) -> torch.Tensor:
-        file = self._where.get(name)
-        if file is None:
-            raise CheckpointError(f"{self.path}: the model files hold no {name}")
-        handle = self._open[file]
-        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
-
-    def _shape(self, name: str) -> tuple[int, ...] | None:
-        file = self._where.get(name)
-        if file is None:
-            return None
-        handle = self._open[file]
-        if hasattr(handle, "get_slice"):
-            return tuple(handle.get_slice(name).get_shape())
-        return tuple(handle[name].shape) if name in handle else None
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self._where]
+        if missing:
+            raise CheckpointError(f"{self.path}: the model files hold no {missing[0]}")
+        out = {}
+        for file in sorted({self._where[n] for n in names}):
+            handle, wanted = self._load(file), [n for n in names if self._where[n] == file]
+            if isinstance(handle, dict):
+                out.update({n: handle[n].clone() for n in wanted})
+            else:
+                with handle:
+                    out.update({n: handle.get_tensor(n) for n in wanted})
+        return out
 
     def read_globals(self) -> Unit:
         glob, _ = expected_shapes(self.args)
-        return {"model": {n: self._tensor(hf_layout.GLOBALS[n]) for n in glob}}
+        tensors = self._read([hf_layout.GLOBALS[n] for n in glob])
+        return {"model": {n: tensors[hf_layout.GLOBALS[n]] for n in glob}}
 
     def read_layer(self, index: int) -> Unit:
         _, layer = expected_shapes(self.args)
-        return {"model": {n: hf_layout.to_megatron(n, [self._tensor(h) for h in hf_layout.hf_names(n, index)],
-                                                   self.args) for n in layer}}
+        tensors = self._read([h for n in layer for h in hf_layout.hf_names(n, index)])
+        return {"model": {n: hf_layout.to_megatron(n, [tensors[h] for h in hf_layout.hf_names(n, index)], self.args)
+                          for n in layer}}
 
     def problems(self) -> list[str]:
         """Tensors the config implies that are missing or of another shape (read from headers only)."""
@@ -130,15 +136,13 @@ class HFView(CheckpointView):
                 wanted.update({h: tuple(p.shape) for h, p in zip(hf_layout.hf_names(n, i), parts)})
         problems = []
         for name, shape in wanted.items():
-            stored = self._shape(name)
+            stored = self._shapes[self._where[name]].get(name) if name in self._where else None
             if stored is None:
                 problems.append(f"{self.path}: the model files hold no {name}")
             elif stored != shape:
                 problems.append(f"{self.path}: {name} has shape {list(stored)}, config.json implies {list(shape)}")
         return problems
 
-    def close(self) -> None:
-        self._open.clear()
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -27,6 +27,7 @@ from megatron.core.transformer.module import Float16Module
 from megagrow.checkpoint.errors import iteration_dir, read_tracker
 from megagrow.checkpoint.trainer import load_checkpoint, save_checkpoint
 from megagrow.training.ddp import ParamGatherHooks, ddp_config_from_args
+from megagrow.training.freezing import FrozenLayers, layer_ranges
 from megagrow.training.hyperparameters import apply_after_load, in_effect, main_param_group, values_to_build
 from megagrow.checkpoint.view import run_state as read_run_state
 from megagrow.data.loader import build_datasets, microbatches
@@ -37,7 +38,7 @@ from megagrow.runtime.distributed import (collective_tensor, initialize_distribu
                                           set_seeds)
 from megagrow.runtime.versions import start_checkpoint_writer_manager
 from megagrow.scheduling.timing import StopRule
-from megagrow.model.shape import num_floating_point_operations, padded_vocab_size
+from megagrow.model.shape import expected_shapes, num_floating_point_operations, padded_vocab_size, parameter_count
 from megagrow.training.metrics import MetricsLogger, params_l2_norm
 from megagrow.training.profiling import Profiler
 from megagrow.training.schedule import describe, global_batch_at, scheduler_steps
@@ -72,6 +73,7 @@ class TrainState:
     optimizer_at_start: dict = None  # the hyper-parameters the first iteration after --load trains with
     param_gather: ParamGatherHooks = None  # --overlap-param-gather's forward pre-hooks
     num_zeros_in_grad: int | None = None  # --log-num-zeros-in-grad
+    frozen: FrozenLayers = None  # --freeze-layers
     timers: Timers = None  # megatron-core's, at --timing-log-level
 
 
@@ -145,7 +147,7 @@ def setup(args) -> TrainState:
     if args.load:
         state.iteration, state.consumed_train_samples, state.run_state = load_checkpoint(
             args.load, model, optimizer, scheduler, args)
-        if state.iteration:
+        if read_tracker(args.load) is not None:  # a release checkpoint (an import) loads at iteration 0
             print_rank_0(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
         restarted = args.restart_lr_schedule_at is not None and state.iteration == args.restart_lr_schedule_at
         apply_after_load(optimizer, scheduler, args, restarted, built)
@@ -163,6 +165,13 @@ def setup(args) -> TrainState:
         if state.masks:
             r = state.run_state["growth_masks"]
             print_rank_0(f" growth masks ({r['kind']}): new width opens over iterations {r['begin']}..{r['end']}")
+    state.frozen = FrozenLayers(model, optimizer, args)  # after the load: fresh frozen parameters get their state
+    if state.frozen.layers:
+        glob, layer = expected_shapes(args)
+        total = parameter_count(args)
+        trained = total - len(state.frozen.layers) * sum(math.prod(s) for s in layer.values())
+        print_rank_0(f" frozen layers (--freeze-layers): {layer_ranges(state.frozen.layers)}; {trained:,} of "
+                     f"{total:,} parameters train")
     state.datasets = build_datasets(args, tokenizer)
     state.param_gather = ParamGatherHooks(state.model, args.overlap_param_gather)
     return state
@@ -211,8 +220,10 @@ def train_step(state: TrainState, data_iterator, global_batch: int) -> tuple[flo
         forward_step_func=forward_step, data_iterator=data_iterator, model=state.model,
         num_microbatches=global_batch // (a.micro_batch_size * a.data_parallel_size), seq_length=a.seq_length,
         micro_batch_size=a.micro_batch_size, forward_only=False)
+    state.frozen.zero_grads()
     timers("optimizer", log_level=1).start()
-    updated, grad_norm, state.num_zeros_in_grad = state.optimizer.step()
+    with state.frozen.left_out():
+        updated, grad_norm, state.num_zeros_in_grad = state.optimizer.step()
     timers("optimizer").stop()
     if updated:
         state.scheduler.step(increment=global_batch)
