@@ -33,6 +33,8 @@ def cmd_inspect(a) -> int:
                   f"{'tied' if m['tied_embeddings'] else 'untied'} embeddings, vocab {m['padded_vocab_size']} (padded)")
             print(f"  parameters: {info['parameters']:,}")
             print(f"  optimizer: {info['optimizer'] or 'none'}")
+        if "trainer_flags" in info:
+            print(f"  trainer flags: {' '.join(info['trainer_flags'])}")
         print("  complete: yes" if info["complete"] else "  complete: NO\n" + "\n".join(
             f"    - {p}" for p in info["problems"]))
     if not info["complete"]:

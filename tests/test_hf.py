@@ -194,10 +194,14 @@ def test_released_model_grown_trained_on_with_its_tokenizer_and_exported(bpe, bp
     grown = tmp_path / "grown"
     megagrow("checkpoint", "grow", "--load", str(released), "--save", str(grown), "--op", "zero", "--num-layers", "6",
              "--quiet")
-    flags = {"--num-layers": "6", "--num-attention-heads": "8", "--num-query-groups": "4", "--ffn-hidden-size": "128",
-             "--disable-bias-linear": "", "--max-position-embeddings": "256", "--norm-epsilon": "1e-6",
-             "--tokenizer-type": tok[1], "--tokenizer-model": tok[3], "--data-path": str(tmp_path / "text_text_document"),
-             "--train-iters": "3", "--load": str(grown), "--save": str(tmp_path / "trained")}
+    info = json.loads(megagrow("checkpoint", "inspect", str(released), "--json").stdout)
+    flags, shown = {}, info["trainer_flags"]  # the model flags inspect prints for it, as a user would copy them
+    for i, token in enumerate(shown):
+        if token.startswith("--"):
+            flags[token] = shown[i + 1] if i + 1 < len(shown) and not shown[i + 1].startswith("--") else ""
+    flags.update({"--num-layers": "6", "--tokenizer-type": tok[1], "--tokenizer-model": tok[3],
+                  "--data-path": str(tmp_path / "text_text_document"), "--train-iters": "3", "--load": str(grown),
+                  "--save": str(tmp_path / "trained")})
     run = torchrun(1, tiny_args(data_dir, **flags), tmp_path / "m.jsonl")
     assert run.returncode == 0 and "loaded checkpoint" in run.output, run.output
     assert sorted(run.losses()) == [1, 2, 3]

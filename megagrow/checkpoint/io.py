@@ -232,6 +232,9 @@ def inspect(path: str) -> dict:
         "optimizer": (None if view.optimizer is None else
                       ("distributed" if view.optimizer.distributed else "plain") + f" adam, step {view.optimizer.step:g}"),
     })
+    if view.format == "hf":  # what pretrain_gpt.py needs to train on from an import of it
+        from megagrow.model.hf_layout import trainer_flags
+        info["trainer_flags"] = trainer_flags(view.config)
     problems = view.problems()
     view.close()
     info.update({"complete": not problems, "problems": problems})

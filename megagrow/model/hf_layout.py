@@ -146,6 +146,20 @@ def megatron_flags(config: dict) -> dict[str, object]:
     return flags
 
 
+def trainer_flags(config: dict) -> list[str]:
+    """The model flags pretrain_gpt.py trains this model with (Megatron-LM's spelling)."""
+    flags, argv = megatron_flags(config), []
+    flags["disable_bias_linear"] = not flags.pop("add_bias_linear")
+    if not flags["group_query_attention"]:
+        del flags["num_query_groups"]
+    for dest, value in flags.items():
+        flag = "--norm-epsilon" if dest == "layernorm_epsilon" else "--" + dest.replace("_", "-")
+        if dest == "vocab_size" or value is False:
+            continue
+        argv += [flag] if value is True else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return argv
+
+
 def megatron_args(config: dict, tokenizer_dir: str | None = None) -> argparse.Namespace:
     """The saved `args` a Megatron checkpoint of this model would carry (Megatron-LM's names, TP=PP=1)."""
     flags = megatron_flags(config)
