@@ -128,12 +128,7 @@ class HFView(CheckpointView):
 
     def problems(self) -> list[str]:
         """Tensors the config implies that are missing or of another shape (read from headers only)."""
-        glob, layer = expected_shapes(self.args)
-        wanted = {hf_layout.GLOBALS[n]: s for n, s in glob.items()}
-        for i in range(self.args.num_layers):
-            for n, shape in layer.items():
-                parts = hf_layout.to_hf(n, torch.empty(shape, device="meta"), self.args)
-                wanted.update({h: tuple(p.shape) for h, p in zip(hf_layout.hf_names(n, i), parts)})
+        wanted = {name: shape for name, shape, _ in hf_tensor_shapes(self.args)}
         problems = []
         for name, shape in wanted.items():
             stored = self._shapes[self._where[name]].get(name) if name in self._where else None
@@ -149,14 +144,14 @@ def _has_tokenizer(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model"))
 
 
-def _hf_entries(view: CheckpointView, dtype: torch.dtype) -> list[tuple[str, tuple, int]]:
-    """(name, shape, layer or None) of every tensor the export writes, in the order it writes them: the
-    globals (read once, first), then each layer."""
-    glob, layer = expected_shapes(view.args)
+def hf_tensor_shapes(args) -> list[tuple[str, tuple, int | None]]:
+    """(name, shape, layer or None) of every Hugging Face tensor of a model with these args, in the order the
+    export writes them: the globals (read once, first), then each layer."""
+    glob, layer = expected_shapes(args)
     out = [(hf_layout.GLOBALS[n], s, None) for n, s in glob.items()]
-    for i in range(view.args.num_layers):
+    for i in range(args.num_layers):
         for n, shape in layer.items():
-            parts = hf_layout.to_hf(n, torch.empty(shape, device="meta", dtype=dtype), view.args)
+            parts = hf_layout.to_hf(n, torch.empty(shape, device="meta"), args)
             out += [(h, tuple(p.shape), i) for h, p in zip(hf_layout.hf_names(n, i), parts)]
     return out
 
@@ -223,7 +218,7 @@ def write_hf(view: CheckpointView, out_dir: str, family: str | None, max_shard_b
     dtype = glob["embedding.word_embeddings.weight"].dtype
     config["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
     entries = [(n, (vocab,) + s[1:] if n in ("model.embed_tokens.weight", "lm_head.weight") else s, i)
-               for n, s, i in _hf_entries(view, dtype)]
+               for n, s, i in hf_tensor_shapes(args)]
     writer = _ShardWriter(out_dir, _plan_shards(entries, dtype, max_shard_bytes), dtype)
     for name, tensor in glob.items():
         tensor = tensor[:vocab] if name in ("embedding.word_embeddings.weight", "output_layer.weight") else tensor
