@@ -90,11 +90,26 @@ def test_import_gives_transformers_logits_and_exports_back(hf_models, variant, t
     assert os.path.isfile(back / "model.safetensors.index.json") and os.path.isfile(back / "generation_config.json")
 
 
+def as_bin_shards(model_dir, out):
+    """The model as older releases ship it: pytorch_model-*.bin shards (torch.save) with their index."""
+    os.makedirs(out)
+    shutil.copy(model_dir / "config.json", out / "config.json")
+    tensors = hf_tensors(model_dir)
+    names = sorted(tensors)
+    files = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
+    for file, part in files.items():
+        torch.save({n: tensors[n] for n in part}, out / file)
+    json.dump({"weight_map": {n: f for f, part in files.items() for n in part}},
+              open(out / "pytorch_model.bin.index.json", "w"))
+    return out
+
+
 @pytest.mark.slow
-def test_import_at_tp1_in_the_torch_format(hf_models, tmp_path):
+def test_import_bin_shards_at_tp1_in_the_torch_format(hf_models, tmp_path):
     megatron = tmp_path / "tp1"
-    megagrow("checkpoint", "convert", "--load", str(hf_models["qwen3"]), "--save", str(megatron), "--ckpt-format",
-             "torch", "--quiet")
+    source = as_bin_shards(hf_models["qwen3"], tmp_path / "bin")
+    megagrow("checkpoint", "convert", "--load", str(source), "--save", str(megatron), "--ckpt-format", "torch",
+             "--quiet")
     assert (logits(megatron, 1, tmp_path) - hf_logits(hf_models["qwen3"])).abs().max() <= 1e-4
 
 

@@ -76,8 +76,8 @@ class HFView(CheckpointView):
             raise CheckpointError(f"{path}/{e}") from None
         self.config = config
         weight_map, files = _weight_files(path)
-        # Headers are read (and checked) up front; tensors are read per unit with the file opened for that
-        # unit only, so the mapped pages of what was read are released rather than held until the end.
+        # Headers are read (and checked) up front; each tensor is read with its file opened for it only, so the
+        # mapped pages of what was read are released at once rather than held until the end.
         self._shapes = {f: self._header(f) for f in files}
         self._where = weight_map or {name: files[0] for name in self._shapes[files[0]]}
         super().__init__(args=args, iteration=0, optimizer=None, extra={})
@@ -107,12 +107,14 @@ class HFView(CheckpointView):
             raise CheckpointError(f"{self.path}: the model files hold no {missing[0]}")
         out = {}
         for file in sorted({self._where[n] for n in names}):
-            handle, wanted = self._load(file), [n for n in names if self._where[n] == file]
-            if isinstance(handle, dict):
-                out.update({n: handle[n].clone() for n in wanted})
-            else:
-                with handle:
-                    out.update({n: handle.get_tensor(n) for n in wanted})
+            wanted = [n for n in names if self._where[n] == file]
+            if not file.endswith(".safetensors"):  # a .bin: unpickled once, its storages mapped
+                state = self._load(file)
+                out.update({n: state[n].clone() for n in wanted})
+                continue
+            for name in wanted:  # one tensor's pages mapped at a time (a vocabulary matrix is the largest)
+                with self._load(file) as handle:
+                    out[name] = handle.get_tensor(name)
         return out
 
     def read_globals(self) -> Unit:
@@ -200,7 +202,7 @@ class _ShardWriter:
             self._next()
         expected_name, shape = self.shards[self.shard][self.position]
         assert name == expected_name and tuple(tensor.shape) == shape, (name, expected_name, tensor.shape, shape)
-        self.f.write(tensor.to(self.dtype).contiguous().view(torch.uint8).numpy().tobytes())
+        self.f.write(tensor.to(self.dtype).contiguous().view(torch.uint8).numpy())  # no copy: the buffer
         self.position += 1
 
     def close(self) -> dict[str, str]:
