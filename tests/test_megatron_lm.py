@@ -209,3 +209,19 @@ def test_vocabulary_mismatch_is_one_line(fixtures, tmp_path):
     assert run.returncode != 0
     errors = [l for l in run.output.splitlines() if l.startswith("error:")]
     assert errors and "vocabulary 1024" in errors[0] and "1028" in errors[0], run.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["torch_dist_tp2", "torch_tp2"])
+def test_exported_to_hugging_face_gives_megatron_core_logits(fixtures, tmp_path, name):
+    """A Megatron-LM checkpoint exported as it is loads in transformers with megatron-core's logits."""
+    transformers = pytest.importorskip("transformers")
+    exported = tmp_path / "hf"
+    megagrow("checkpoint", "export", "--load", str(fixtures / "fx" / name), "--save", str(exported), "--quiet")
+    config = json.load(open(exported / "config.json"))
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 1024
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    tokens = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(0))  # logits_worker's
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    assert (theirs - logits(fixtures / "fx" / name, 2, tmp_path)).abs().max() <= 1e-4
