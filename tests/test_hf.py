@@ -130,6 +130,12 @@ def test_trained_and_grown_checkpoints_export_to_transformers(data_dir, tmp_path
     assert run.returncode == 0, run.output
     grown = tmp_path / "grown"
     megagrow("checkpoint", "grow", "--load", str(trained), "--save", str(grown), "--op", "stack:g=2", "--quiet")
+    masked = tmp_path / "masked"  # new width still opening: not a model transformers can hold yet
+    megagrow("checkpoint", "grow", "--load", str(trained), "--save", str(masked), "--op", "msg:steps=4",
+             "--hidden-size", "96", "--quiet")
+    _one_line_error(megagrow("checkpoint", "export", "--load", str(masked), "--save", str(tmp_path / "no"),
+                             check=False), "growth masks", "iteration")
+    assert not os.path.exists(tmp_path / "no")
     for source in (trained, grown):
         exported = tmp_path / f"hf_{source.name}"
         megagrow("checkpoint", "export", "--load", str(source), "--save", str(exported), "--quiet")
