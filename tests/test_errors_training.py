@@ -131,6 +131,14 @@ CASES = {
     "unknown-flag": ({}, ["--seq-len", "64"], 1, "unrecognized arguments: --seq-len (pretrain_gpt.py --help lists the flags)"),
     "required": ({"--lr": None}, [], 1, "the following arguments are required: --lr"),
     "eval-on-start": ({"--eval-iters": "0"}, ["--eval-on-start"], 1, "--eval-on-start needs --eval-iters above 0"),
+    # --freeze-layers: 1-based layers of this model, numbers and ranges
+    "freeze-beyond": ({"--freeze-layers": "2,5"}, [], 1, "--freeze-layers 2,5: layer 5 is beyond --num-layers 4"),
+    "freeze-syntax": ({"--freeze-layers": "1-3;4"}, [], 1, "--freeze-layers 1-3;4: cannot read '1-3;4' (expected "
+                                                           "layer numbers and ranges"),
+    "freeze-empty": ({"--freeze-layers": "1,"}, [], 1, "--freeze-layers 1,: cannot read ''"),
+    "freeze-zero": ({"--freeze-layers": "0-2"}, [], 1, "--freeze-layers 0-2: 0-2 is not a range of layers (they "
+                                                       "count from 1)"),
+    "freeze-reversed": ({"--freeze-layers": "3-1"}, [], 1, "--freeze-layers 3-1: 3-1 is not a range of layers"),
     # data: the .idx header and the .bin size megatron-core's indexed dataset reads, and the split
     "idx-header": ({"--data-path": "{bad}/header"}, [], 1, "{bad}/header.idx: not a Megatron indexed dataset index"),
     "idx-empty": ({"--data-path": "{bad}/empty_idx"}, [], 1, "{bad}/empty_idx.idx: not a Megatron indexed dataset"),

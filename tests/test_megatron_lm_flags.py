@@ -66,8 +66,9 @@ def test_same_names_defaults_and_choices_as_megatron_lm():
             mismatched.append((flag, ours, wanted))
     assert not mismatched, mismatched
     megagrow_only = sorted(f for f in _ours() if f not in theirs and f not in _table()["Megatron-LM core_v0.16.1"])
-    assert megagrow_only == ["--dist-ckpt-optim-sharding", "--eval-on-start", "--growth-plan", "--metrics-file",
-                             "--restart-lr-schedule-at", "--stage-decision-file", "--stage-stop"], megagrow_only
+    assert megagrow_only == ["--dist-ckpt-optim-sharding", "--eval-on-start", "--freeze-layers", "--growth-plan",
+                             "--metrics-file", "--restart-lr-schedule-at", "--stage-decision-file", "--stage-stop"], \
+        megagrow_only
 
 
 def test_the_shipped_flag_list_is_the_table():

@@ -200,6 +200,19 @@ CASES = [
      "stages[1].grow.parallel.tensor_model_parallel_size: 3 does not divide"),
     (_set("stages.1.grow", {**LAG, "parallel": {"nproc": 3}}),
      "stages[1].grow.parallel.nproc: --global-batch-size 8 is not divisible"),
+    # which layers a stage trains: all, new (what the depth growth into it made) or a list
+    (_set("stages.1.trainable", "old"), "stages[1].trainable: expected all, new or a list of layer numbers, got 'old'"),
+    (_set("stages.1.trainable", [1, 5]), "stages[1].trainable: 5 is not one of the stage's layers 1..4"),
+    (_set("stages.1.trainable", [True]), "stages[1].trainable: True is not one of the stage's layers 1..4"),
+    (_set("stages.0.trainable", "new"), "stages[0].trainable: new needs a depth growth into the stage that makes "
+     "new layers (the first stage grows from nothing)"),
+    (_all(_set("stages.1.grow", LAG), _set("stages.1.trainable", "new")),
+     "stages[1].trainable: new needs a depth growth into the stage that makes new layers (LAG chooses"),
+    (_all(_set("stages.0.model", {"hidden_size": 32}), _set("stages.1.grow.op", "direct"),
+          _set("stages.1.trainable", "new")), "(direct grows width)"),
+    (_all(_set("stages.1.grow.op", "learn:steps=2"), _set("stages.1.trainable", "new")),
+     "(learn:steps=2 mixes old layers into every one)"),
+    (_set("training.freeze_layers", "1"), "training.freeze_layers: a stage says which layers train with `trainable`"),
 ]
 
 

@@ -200,6 +200,17 @@ class LayerPlan(Plan):
     def report(self) -> str:
         return f"layers: {describe(self.layers)}\nconnection rate R_c: {connection_rate(self.layers):.3f}"
 
+    def new_layers(self) -> list[int]:
+        """All but the first exact copy of each old layer: zero's and redundant's inserted copies, random layers,
+        stacking's and duplication's later repeats."""
+        seen, new = set(), []
+        for number, layer in enumerate(self.layers, 1):
+            if layer.init == "copy" and layer.source not in seen:
+                seen.add(layer.source)
+            else:
+                new.append(number)
+        return new
+
 
 class DepthOperator(Operator):
     """A depth operator is its `layers`: the plan from the old depth and the asked-for one (None: not given)."""

@@ -40,6 +40,10 @@ class Plan:
         """Lines for the user once grown."""
         return self.change()
 
+    def new_layers(self) -> list[int] | None:
+        """The grown model's new layers (1-based), for training only them; None: the plan does not tell them apart."""
+        return None
+
 
 class Operator:
     name: str

@@ -24,6 +24,7 @@ from megagrow.scheduling.plan import Plan, Stage, dump_plan, load_plan
 from megagrow.scheduling.preflight import preflight
 from megagrow.scheduling.timing import PlanError, StopRule, fit_loss_law
 from megagrow.training.flags import to_argv
+from megagrow.training.freezing import layer_ranges
 
 _SHOWN = ("iteration", "validation", "stage stop", "loaded checkpoint", "growth masks", "LR schedule", "error",
           "Error", "Traceback")
@@ -217,6 +218,9 @@ class Driver:
                 "--train-iters", str(plan.max_iterations()), "--save", where.ckpt,
                 "--metrics-file", where.metrics_file, "--tensorboard-dir", where.tensorboard_dir,
                 "--stage-stop", json.dumps(rule.as_dict()), "--stage-decision-file", where.decision_file]
+        frozen = plan.frozen_layers(stage)
+        if frozen:
+            argv += ["--freeze-layers", layer_ranges(frozen)]
         resumed = read_tracker(where.ckpt)
         if loaded or resumed is not None:
             argv += ["--load", where.ckpt]

@@ -7,8 +7,9 @@
     data:     data_path, tokenizer_type, tokenizer_model, split, ...
     stages:   in order; each has `model` (flags that differ from the target), `grow` (the operator
               into this stage: {op: stack:g=4}), `stop` (a timing policy, scheduling.timing),
-              `lr` ({schedule: continue | rewarm | constant, warmup_iters}) and `parallel`
-              ({tensor_model_parallel_size, pipeline_model_parallel_size, nproc}).
+              `lr` ({schedule: continue | rewarm | constant, warmup_iters}), `parallel`
+              ({tensor_model_parallel_size, pipeline_model_parallel_size, nproc}) and `trainable` (all, new:
+              the layers the growth into it made, or a list of 1-based layers; the others are frozen).
 The global batch and sequence length are shared so that samples, data order and the LR schedule
 carry across stages; iteration numbers continue through the run.
 """
@@ -38,6 +39,7 @@ class Stage:
     lr: dict = field(default_factory=lambda: {"schedule": "continue"})
     parallel: dict = field(default_factory=lambda: {"nproc": 1})
     training: dict = field(default_factory=dict)  # trainer flags of this stage only, over the plan's `training`
+    trainable: str | list = "all"  # all | new | [1-based layers]: the others train frozen (--freeze-layers)
 
     def __post_init__(self):
         self.grow = normalized_grow(self.grow)
@@ -87,6 +89,17 @@ class Plan:
             flops += out[-1] * self.step_flops(stage)
         return out
 
+    def frozen_layers(self, stage: Stage) -> list[int]:
+        """The layers (1-based) `stage` keeps as they are: those its `trainable` leaves out."""
+        if stage.trainable == "all":
+            return []
+        trainable = stage.trainable
+        if trainable == "new":  # the schema checked that a depth growth into the stage tells them
+            from megagrow.growth.registry import plan_growth
+            before = self.stages[self.stages.index(stage) - 1]
+            trainable = plan_growth(stage.grow["op"], self.shape(before), self.shape(stage)).new_layers()
+        return [n for n in range(1, self.shape(stage).num_layers + 1) if n not in trainable]
+
     def check(self) -> None:
         """The schema's checks (scheduling.schema), and that the last stage is the target."""
         check_plan(yaml.safe_load(dump_plan(self)))
@@ -117,7 +130,8 @@ def load_plan(path: str) -> Plan:
 
 def dump_plan(plan: Plan) -> str:
     raw = copy.deepcopy({k: v for k, v in vars(plan).items() if k != "stages"})
-    raw["stages"] = [{k: v for k, v in vars(s).items() if k != "training" or v} for s in plan.stages]
+    raw["stages"] = [{k: v for k, v in vars(s).items() if (k, v) not in (("training", {}), ("trainable", "all"))}
+                     for s in plan.stages]
     return yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=110)
 
 

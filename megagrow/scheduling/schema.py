@@ -21,7 +21,7 @@ from megagrow.scheduling.timing import STOP_RULES, PlanError, StopRule
 LR_SCHEDULES = ("continue", "rewarm", "constant")
 TOP = {"target": dict, "budget": dict, "training": dict, "data": dict, "stages": list, "vocab_size": int}
 STAGE = {"name": str, "model": dict, "grow": (dict, type(None)), "stop": dict, "lr": dict, "parallel": dict,
-         "training": dict}
+         "training": dict, "trainable": (str, list)}
 LR = {"schedule": str, "warmup_iters": int}
 BUDGET = {"flops": (int, float), "target_scratch_tokens": (int, float)}
 GROW_OP = {"op": str}
@@ -211,6 +211,30 @@ def _grow(grow: dict, path: str, old, new) -> None:
             raise PlanError(f"{at}: {str(e).removeprefix(f'--op {spec}: ')}") from None
 
 
+def _trainable(trainable, grow: dict | None, old, new, path: str) -> None:
+    """`all`, `new` (the layers the depth growth into the stage makes) or a list of the stage's layers (1-based)."""
+    if isinstance(trainable, list):
+        for n in trainable:
+            if not _is(n, int) or not 1 <= n <= new.num_layers:
+                raise PlanError(f"{path}: {n!r} is not one of the stage's layers 1..{new.num_layers}")
+        return
+    if trainable not in ("all", "new"):
+        raise PlanError(f"{path}: expected all, new or a list of layer numbers, got {trainable!r}")
+    if trainable == "all":
+        return
+    if grow is None:
+        why = "the first stage grows from nothing"
+    elif "select" in grow:
+        why = "LAG chooses the operator at run time: name one (grow: {op: ...}) or list the layers"
+    else:
+        from megagrow.growth.registry import plan_growth
+        plan = plan_growth(grow["op"], old, new)
+        if plan.new_layers() is not None:
+            return
+        why = f"{grow['op']} grows width" if plan.op.kind == "width" else f"{grow['op']} mixes old layers into every one"
+    raise PlanError(f"{path}: new needs a depth growth into the stage that makes new layers ({why})")
+
+
 def normalized_grow(grow: dict | None) -> dict | None:
     """A stage's `grow` entry in today's form: `{op: SPEC}`, or a LAG selection `{select: lag, k: K, ...}`
     (the older `{op: "lag:k=K", ...}` is still read)."""
@@ -235,6 +259,8 @@ def check_plan(raw) -> None:
     def training_flags(flags: dict, path: str) -> None:
         _flags(flags, all_flags, path)
         for key in flags:
+            if key == "freeze_layers":
+                raise PlanError(f"{path}.{key}: a stage says which layers train with `trainable` (all, new or a list)")
             if key in _SAMPLE_COUNTED:
                 raise PlanError(f"{path}.{key}: a plan counts iterations (the driver sets each stage's "
                                 "--train-iters from the budget); use lr_warmup_iters or lr_warmup_fraction")
@@ -295,6 +321,7 @@ def check_plan(raw) -> None:
             raise PlanError(f"{path}.grow: the first stage has nothing to grow from")
         if grow:
             _grow(grow, f"{path}.grow", previous, shape)
+        _trainable(stage.get("trainable", "all"), grow, previous, shape, f"{path}.trainable")
         previous = shape
     if raw["stages"][-1].get("stop", {"policy": "flops"})["policy"] != "flops":
         raise PlanError(f"stages[{len(raw['stages']) - 1}].stop.policy: the last stage must stop on the budget (flops)")

@@ -116,6 +116,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
                    action="store_true", dest="use_checkpoint_opt_param_scheduler",
                    help="on --load, keep the checkpoint's LR schedule and optimizer hyper-parameters")
+    g.add_argument("--freeze-layers", default=None, metavar="SPEC",
+                   help="train only the other layers: 1-based layer numbers and ranges (1-3,5), or none; frozen layers "
+                        "stay bit-identical and keep their optimizer state (embeddings and output layer train)")
     g.add_argument("--restart-lr-schedule-at", type=int, default=None,
                    help="when the loaded checkpoint is at this iteration, start the LR schedule afresh from these "
                         "flags (re-warm at a stage boundary) instead of the checkpoint's")
@@ -659,6 +662,12 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     _check_virtual_pipeline(args)
+    if args.freeze_layers is not None:
+        from megagrow.training.freezing import parse_layers
+        try:
+            parse_layers(args.freeze_layers, args.num_layers)
+        except ValueError as e:
+            raise ArgumentError(f"--freeze-layers {args.freeze_layers}: {e}") from None
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
     _require(args.ffn_hidden_size % tp == 0,

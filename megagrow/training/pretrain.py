@@ -167,7 +167,7 @@ def setup(args) -> TrainState:
             print_rank_0(f" growth masks ({r['kind']}): new width opens over iterations {r['begin']}..{r['end']}")
     state.frozen = FrozenLayers(model, optimizer, args)  # after the load: fresh frozen parameters get their state
     if state.frozen.layers:
-        glob, layer = expected_shapes(args)
+        layer = expected_shapes(args)[1]
         total = parameter_count(args)
         trained = total - len(state.frozen.layers) * sum(math.prod(s) for s in layer.values())
         print_rank_0(f" frozen layers (--freeze-layers): {layer_ranges(state.frozen.layers)}; {trained:,} of "
