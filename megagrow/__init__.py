@@ -13,3 +13,7 @@ import logging
 # A CUDA build of torch on a machine without a GPU logs this when megatron-core imports its extension
 # helpers; the CPU path needs no CUDA toolkit, and the line would break one-line error messages.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+from megagrow.runtime import deferred_compile
+
+deferred_compile.install()  # before anything imports megatron-core (why: runtime/deferred_compile.py)

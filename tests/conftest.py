@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +26,48 @@ def run_tool(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and out.returncode != 0:
         raise AssertionError(f"{argv} failed:\n{out.stdout}\n{out.stderr}")
     return out
+
+
+def forked_cli(argv, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`megagrow ARGV` as its own process, forked from this one so that it starts with torch and megatron-core
+    already imported (a fresh interpreter spends most of a small command's time importing them). The child
+    has its own stdout/stderr files and exit code, and nothing it does reaches the test process."""
+    import megagrow.cli
+    import megagrow.checkpoint.io  # noqa: F401  (imported once here, inherited by every child)
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 70
+        try:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            sys.argv = ["megagrow", *argv]
+            os.chdir(ROOT)
+            import torch
+            torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the other helpers; no thread pool after fork
+            try:
+                code = megagrow.cli.main(list(argv))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(code or 0)
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise subprocess.TimeoutExpired(["megagrow", *argv], timeout)
+        time.sleep(0.01)
+    texts = []
+    for f in (out, err):
+        f.seek(0)
+        texts.append(f.read().decode(errors="replace"))
+        f.close()
+    return subprocess.CompletedProcess(["megagrow", *argv], os.waitstatus_to_exitcode(done[1]), *texts)
 
 
 def write_indexed(prefix, documents: int = 1000) -> None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, free_port, tiny_args, torchrun
+from conftest import ROOT, forked_cli, free_port, tiny_args, torchrun
 from megagrow.checkpoint.dcp_stream import read_common_state
 
 # Vocabulary 1024 padded to a multiple of 384 x TP: 1536 at TP=2 and 4, 1152 at TP=1, so conversions re-pad.
@@ -23,8 +23,7 @@ GPT2 = {"--group-query-attention": None, "--num-query-groups": None, "--swiglu":
 
 
 def megagrow(*argv, check=True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "megagrow.cli", *argv], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forked_cli(argv)
     if check and out.returncode != 0:
         raise AssertionError(f"megagrow {argv} failed:\n{out.stdout}\n{out.stderr}")
     return out

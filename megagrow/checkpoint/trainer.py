@@ -33,7 +33,7 @@ from megagrow.checkpoint.legacy_stream import SHARD_FILE, load_shard, rank_dir
 from megagrow.checkpoint.view import RUN_STATE_KEY, run_state
 from megagrow.model.shape import padded_vocab_size, qkv_bias, zero_centered_gamma
 from megagrow.runtime.distributed import print_rank_0
-from megagrow.runtime.versions import READS_COMMON_STATE_IN_DCP
+from megagrow.runtime.versions import READS_COMMON_STATE_IN_DCP, collect_write_results_in_process
 
 CHECKPOINT_VERSION = 3.0
 # Architecture fields a checkpoint must agree on to be loaded into a model (parallelism may differ).
@@ -118,6 +118,7 @@ def _write_torch_dist(tmp: str, iteration: int, model, optimizer, scheduler, arg
     state = _sharded_state_dict(model, optimizer, scheduler, args, iteration, meta, is_loading=False,
                                 run_state=run_state, with_optimizer=not getattr(args, "no_save_optim", False),
                                 with_rng=not getattr(args, "no_save_rng", False))
+    collect_write_results_in_process()
     dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(args), content_metadata=meta)
 
 

@@ -28,11 +28,15 @@ MCORE_VERSION = _mcore_version()
 READS_COMMON_STATE_IN_DCP = MCORE_VERSION >= (0, 19)
 
 
-def start_checkpoint_writer_manager() -> None:
-    """Start dist_checkpointing's writer Manager process now (it is spawned once and reused): 0.19
-    made its private getter public (`get_write_results_queue`)."""
+def collect_write_results_in_process() -> None:
+    """dist_checkpointing's torch_dist writer hands its results to the saving rank through a queue that
+    megatron-core makes, by default, in a spawned multiprocessing Manager, built for async saves. megagrow's
+    saves are synchronous (it refuses --async-save): the writer runs in the rank itself, so a plain queue
+    serves. The Manager would cost each rank another process that imports torch again when the first
+    results arrive (seconds of CPU and about 0.7 GB), and that SLURM's SIGTERM to the step kills mid-save.
+    Same private global (`_results_queue`) in every supported release."""
+    import queue
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    getter = getattr(filesystem_async, "get_write_results_queue", None) \
-        or getattr(filesystem_async, "_get_write_results_queue")
-    getter()
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()

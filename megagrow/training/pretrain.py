@@ -36,7 +36,7 @@ from megagrow.model.gpt import build_gpt_model, transformer_config, transformer_
 from megagrow.model.growth_masks import install_growth_masks
 from megagrow.runtime.distributed import (collective_tensor, initialize_distributed, print_rank_0, print_rank_last,
                                           set_seeds)
-from megagrow.runtime.versions import start_checkpoint_writer_manager
+from megagrow.runtime.versions import collect_write_results_in_process
 from megagrow.scheduling.timing import StopRule
 from megagrow.model.shape import expected_shapes, num_floating_point_operations, padded_vocab_size, parameter_count
 from megagrow.training.metrics import MetricsLogger, params_l2_norm
@@ -355,12 +355,6 @@ class ExitSignal:
         self.enabled, self.received = enabled, False
         if enabled:
             import signal
-            # SLURM signals every process of a step. dist_checkpointing saves through a spawned
-            # multiprocessing Manager; started while the signals are ignored, it keeps ignoring them
-            # (a spawned child would otherwise die of the SIGTERM we are about to save on).
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_IGN)
-            start_checkpoint_writer_manager()
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._note)
 
