@@ -9,14 +9,13 @@ runs need to reach the same validation loss (analysis.report). Last line: JSON w
 both runs' FLOPs and final validation losses.
 """
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagrow.data.prepare import prepare_data  # noqa: E402
+from _staged import budget_parser, prepare, training  # noqa: E402
 from megagrow.scheduling.driver import run  # noqa: E402
 from megagrow.scheduling.plan import describe, dump_plan, make_plan  # noqa: E402
 
@@ -26,23 +25,12 @@ TARGET = {"num_layers": 8, "hidden_size": 128, "ffn_hidden_size": 512, "num_atte
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default="runs/bench_staged")
-    p.add_argument("--tokens", type=float, default=2e6, help="budget: tokens of a scratch run of the target")
+    p = budget_parser(__doc__, "runs/bench_staged", 2e6)
     p.add_argument("--growth-factor", type=int, default=4)
     p.add_argument("--small-fraction", type=float, default=0.5, help="clamp of the formula's small-model tokens")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--vocab-size", type=int, default=2048, help="of the sentencepiece tokenizer trained here")
-    p.add_argument("--quick", action="store_true", help="a tenth of the budget (a smoke run, not a measurement)")
     a = p.parse_args()
-    tokens = a.tokens / 10 if a.quick else a.tokens
-    data = prepare_data(os.path.join(a.output, "data"), vocab_size=a.vocab_size)
-    training = {"global_batch_size": 16, "micro_batch_size": 8, "seq_length": 128, "lr": a.lr, "min_lr": a.lr / 10,
-                "lr_decay_style": "cosine", "lr_warmup_iters": 20, "weight_decay": 0.1, "clip_grad": 1.0,
-                "log_interval": 10, "eval_interval": 25, "eval_iters": 4, "save_interval": 200, "seed": 1234}
-    from megagrow.data.tokenizer import build_tokenizer
-    vocab = build_tokenizer("GPTSentencePieceTokenizer", data["tokenizer_model"], None).vocab_size
-    plan = make_plan(TARGET, vocab, training, {**data, "split": "98,1,1"}, tokens=tokens,
+    tokens, data, vocab = prepare(a)
+    plan = make_plan(TARGET, vocab, training(a.lr, 20, 25, 200), data, tokens=tokens,
                      growth_factor=a.growth_factor, max_small_fraction=a.small_fraction,
                      parallel={"nproc": 2})
     print(describe(plan), flush=True)

@@ -69,7 +69,7 @@ def cmd_grow(a) -> int:
                                         "num_query_groups")}
     grown = grow(a.load, a.save, a.op, sizes, a.target_tp, a.target_pp, a.ckpt_format, seed=a.seed,
                  with_optimizer=not a.no_optimizer, force=a.force, progress=not a.quiet, rechunk=a.rechunk,
-                 data_path=a.data_path, vpp=a.target_vpp)
+                 data_path=a.data_path, vpp=a.target_vpp, second=a.load_second)
     print(grown.report)
     print(f"wrote {grown.path}")
     return 0
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("-h", "--help", action=_HelpWithOperators, help="show this help, with the operators, and exit")
     g.add_argument("--load", required=True)
+    g.add_argument("--load-second", default=None,
+                   help="mixture: the second trained model, of the same shape as --load (its iteration, optimizer "
+                        "step and schedule are --load's)")
     g.add_argument("--save", required=True)
     g.add_argument("--op", required=True, help="operator spec NAME[:PARAMS], e.g. stack:g=4, lag:p=2,b=1,init=dup, "
                    "partial:12-3456*5-56 (operators below)")

@@ -53,6 +53,7 @@ class Operator:
     params: str = "none"
     takes: tuple[str, ...] = ()  # the parameter names it accepts
     reads_data = False  # fitted on training data (--data-path)
+    sources = 1  # checkpoints it grows from (mixture: 2, the second given as --load-second)
 
     def parse(self, arg: str) -> dict[str, str]:
         """The spec after `NAME:`, by default `key=value,key=value` (a bare key has the value "")."""
@@ -84,7 +85,8 @@ class Operator:
 
     def view(self, source: "CheckpointView", plan: Plan, args, seed: int, *, save: str, force: bool,
              data_path: list[str] | None = None) -> "CheckpointView":
-        """The grown checkpoint as a view over `source` (`save`, `force`: for operators that refuse early)."""
+        """The grown checkpoint as a view over `source` (`save`, `force`: for operators that refuse early);
+        an operator of two sources also gets `second`, the second checkpoint's view."""
         raise NotImplementedError
 
     def layer_map(self, plan: Plan) -> list[int] | None:

@@ -4,17 +4,18 @@ A spec is `NAME[:ARG]`, ARG by default `key=value,key=value` (partial has its ow
 
     stack:g=4            interpolate:g=2         partial:12-3456*5-56 (or partial:1-2,3-6*5,5-6)
     lag:p=2,b=1,init=dup lag:last                redundant    zero    random    learn:steps=200,lr=1e-3
-    width: direct  zero  random  fpi  aki  msg:steps=N  pdg:steps=N  learn:steps=N
+    width: direct  zero  random  fpi  aki  msg:steps=N  pdg:steps=N  learn:steps=N  mixture:init=orthogonal
 
 Depth operators take the new depth from `num_layers` unless the spec fixes it (stack/interpolate g,
 partial); width operators the new sizes. A name shared by a depth and a width operator (zero, random,
-learn) means the one for the change asked for. Adding an operator: its class (growth.depth, growth.width
-or growth.learn) and one `OPERATORS.register` line below.
+learn) means the one for the change asked for. mixture grows from two checkpoints (the second: --load-second).
+Adding an operator: its class (growth.depth, growth.width, growth.learn, growth.mixture) and one
+`OPERATORS.register` line below.
 """
 
 from __future__ import annotations
 
-from megagrow.growth import depth, learn, width
+from megagrow.growth import depth, learn, mixture, width
 from megagrow.growth.operators import GrowthError, Operator, Plan, Shared
 from megagrow.model.shape import WIDTH_FIELDS, ModelShape
 from megagrow.registry import Registry
@@ -33,6 +34,7 @@ OPERATORS.register("aki", width.Aki())
 OPERATORS.register("msg", width.Msg())
 OPERATORS.register("pdg", width.Pdg())
 OPERATORS.register("learn", Shared(learn.LearnDepth(), learn.LearnWidth()))
+OPERATORS.register("mixture", mixture.Mixture())
 
 SIZES = ("num_layers",) + WIDTH_FIELDS  # what growth may change
 

@@ -1,4 +1,5 @@
 """`megagrow run PLAN`: train each stage as its own distributed job step, grow in between, resume anywhere.
+A pair stage trains two models at once, each a job step on half its processes (scheduling.pair).
 
 The run directory's files are runs.directory's. A stage with a decision is done and skipped on a
 re-run; a stage with a checkpoint resumes from its latest one; growth output is renamed into place
@@ -20,6 +21,7 @@ from megagrow.launching import Resources, make_launcher
 from megagrow.launching.job_step import Interrupted, JobStep, kill_stale
 from megagrow.model.shape import WIDTH_FIELDS
 from megagrow.runs.directory import RunDir, StageDir
+from megagrow.scheduling.pair import PairTraining, pair_checkpoints
 from megagrow.scheduling.plan import Plan, Stage, dump_plan, load_plan
 from megagrow.scheduling.preflight import preflight
 from megagrow.scheduling.timing import PlanError, StopRule, fit_loss_law
@@ -104,7 +106,9 @@ class Driver:
                     else:
                         self.grow(source, stage, previous, where, stage.grow["op"])
             overhead += cost if cost is not None else (where.lag() or {}).get("overhead_flops", 0.0)
-            if not done:
+            if not done and stage.pair:  # two models side by side, for mixture into the next stage
+                done = self._train_pair(stage, where, start, self.rule(i, start, overhead))
+            elif not done:
                 done = self.train(stage, where, start, self.rule(i, start, overhead), loaded=previous is not None)
                 if self.printed is not None:  # a dry run assumes each stage ends where the plan expects
                     done = {"iteration": start + planned[i]}
@@ -134,6 +138,15 @@ class Driver:
             for slot in slots:
                 self.finished(slot)
         return (len(probing.specs) - 1) * probing.k * flops
+
+    def _train_pair(self, stage: Stage, where: StageDir, start: int, rule: StopRule) -> dict:
+        """Both models of a pair stage at once, each on half its processes; returns the stage's decision."""
+        pair = PairTraining(self, stage, where, start, rule, self.plan.training)
+        if self.printed is None:
+            return pair.run()
+        for slot in [pair.launch(*member) for member in pair.members]:
+            self.finished(slot)
+        return {"iteration": rule.iteration}
 
     def rule(self, index: int, start: int, lag_overhead: float, fit_law: bool = True) -> StopRule:
         """The stage's stop rule from `start`; `fit_law=False`: an ecr stage without a law gets a placeholder
@@ -176,7 +189,8 @@ class Driver:
         old, new = self.plan.shape(source), self.plan.shape(stage)
         sizes = {f: getattr(new, f) for f in ("num_layers", *WIDTH_FIELDS) if getattr(old, f) != getattr(new, f)}
         par = stage.parallel
-        return {"load": previous.ckpt, "save": where.ckpt, "spec": spec, "sizes": sizes,
+        load, second = pair_checkpoints(previous) if source.pair else (previous.ckpt, None)
+        return {"load": load, "save": where.ckpt, "spec": spec, "sizes": sizes, "second": second,
                 "tp": par.get("tensor_model_parallel_size", 1), "pp": par.get("pipeline_model_parallel_size", 1),
                 "fmt": self.plan.training.get("ckpt_format", "torch_dist")}
 
@@ -184,9 +198,11 @@ class Driver:
         r = self.growth_request(source, stage, previous, where, spec)
         if self.printed is not None:
             sizes = [x for k, v in r["sizes"].items() for x in (f"--{k.replace('_', '-')}", str(v))]
-            self.printed.append(shlex.join(["megagrow", "checkpoint", "grow", "--load", r["load"], "--save", r["save"],
-                                            "--op", spec, *sizes, "--target-tp", str(r["tp"]), "--target-pp",
-                                            str(r["pp"]), "--ckpt-format", r["fmt"], "--force", "--quiet"]))
+            second = ["--load-second", r["second"]] if r["second"] else []
+            self.printed.append(shlex.join(["megagrow", "checkpoint", "grow", "--load", r["load"], *second,
+                                            "--save", r["save"], "--op", spec, *sizes, "--target-tp", str(r["tp"]),
+                                            "--target-pp", str(r["pp"]), "--ckpt-format", r["fmt"], "--force",
+                                            "--quiet"]))
             return
         from megagrow.growth.grow import grow
         where.make()
@@ -194,7 +210,8 @@ class Driver:
         self.say(f"[{where.name}] growing {previous.name} ({old.num_layers} layers, hidden {old.hidden_size}) -> "
                  f"{new.num_layers} layers, hidden {new.hidden_size} with {spec}")
         # force: a growth that was killed left its output without a tracker
-        grow(r["load"], r["save"], spec, r["sizes"], r["tp"], r["pp"], r["fmt"], force=True, progress=False)
+        grow(r["load"], r["save"], spec, r["sizes"], r["tp"], r["pp"], r["fmt"], force=True, progress=False,
+             second=r["second"])
 
     def stage_argv(self, stage: Stage, where: StageDir, start: int, rule: StopRule, decay_iters: int | None,
                    eval_interval: int | None = None, loaded: bool = False) -> list[str]:
@@ -202,6 +219,7 @@ class Driver:
         plan, shape = self.plan, self.plan.shape(stage)
         par = {k: v for k, v in stage.parallel.items() if k != "nproc"}
         training = {k: v for k, v in {**plan.training, **stage.training}.items() if k not in _CONTROLLED}
+        data = {k: v for k, v in plan.data.items() if k not in stage.training}  # a pair model's own shards
         if eval_interval:
             training["eval_interval"] = eval_interval
         lr = stage.lr.get("schedule", "continue")
@@ -214,7 +232,7 @@ class Driver:
                 schedule["lr_decay_style"] = "constant"
         argv = ["pretrain_gpt.py", "--exit-signal-handler",
                 *to_argv({**plan.target, **stage.model, "kv_channels": shape.kv_channels}),
-                *to_argv({**training, **schedule}), *to_argv(plan.data), *to_argv(par),
+                *to_argv({**training, **schedule}), *to_argv(data), *to_argv(par),
                 "--train-iters", str(plan.max_iterations()), "--save", where.ckpt,
                 "--metrics-file", where.metrics_file, "--tensorboard-dir", where.tensorboard_dir,
                 "--stage-stop", json.dumps(rule.as_dict()), "--stage-decision-file", where.decision_file]

@@ -9,7 +9,9 @@
               into this stage: {op: stack:g=4}), `stop` (a timing policy, scheduling.timing),
               `lr` ({schedule: continue | rewarm | constant, warmup_iters}), `parallel`
               ({tensor_model_parallel_size, pipeline_model_parallel_size, nproc}) and `trainable` (all, new:
-              the layers the growth into it made, or a list of 1-based layers; the others are frozen).
+              the layers the growth into it made, or a list of 1-based layers; the others are frozen);
+              the first stage may train two models side by side (`pair`, scheduling.pair) for the next
+              stage's `grow: {op: mixture}`: both models' FLOPs count against the budget.
 The global batch and sequence length are shared so that samples, data order and the LR schedule
 carry across stages; iteration numbers continue through the run.
 """
@@ -40,6 +42,7 @@ class Stage:
     parallel: dict = field(default_factory=lambda: {"nproc": 1})
     training: dict = field(default_factory=dict)  # trainer flags of this stage only, over the plan's `training`
     trainable: str | list = "all"  # all | new | [1-based layers]: the others train frozen (--freeze-layers)
+    pair: dict | None = None  # two models side by side (scheduling.pair): {seeds: [a, b], data_path: [A, B]}
 
     def __post_init__(self):
         self.grow = normalized_grow(self.grow)
@@ -69,6 +72,10 @@ class Plan:
     def step_flops(self, stage: Stage | None = None) -> float:
         return self.shape(stage).flops(self.training["global_batch_size"])
 
+    def stage_step_flops(self, stage: Stage) -> float:
+        """What one iteration of the stage costs the budget: both models' for a pair stage."""
+        return self.step_flops(stage) * (2 if stage.pair else 1)
+
     @property
     def tokens_per_iteration(self) -> int:
         return self.training["global_batch_size"] * self.training["seq_length"]
@@ -84,9 +91,9 @@ class Plan:
             end = stage.stop.get("iteration") or stage.stop.get("max_iteration")
             start = sum(out)
             if end is None or i == len(self.stages) - 1:
-                end = start + int((self.budget["flops"] - flops) // self.step_flops(stage))
+                end = start + int((self.budget["flops"] - flops) // self.stage_step_flops(stage))
             out.append(max(end - start, 0))
-            flops += out[-1] * self.step_flops(stage)
+            flops += out[-1] * self.stage_step_flops(stage)
         return out
 
     def frozen_layers(self, stage: Stage) -> list[int]:
@@ -130,7 +137,8 @@ def load_plan(path: str) -> Plan:
 
 def dump_plan(plan: Plan) -> str:
     raw = copy.deepcopy({k: v for k, v in vars(plan).items() if k != "stages"})
-    raw["stages"] = [{k: v for k, v in vars(s).items() if (k, v) not in (("training", {}), ("trainable", "all"))}
+    raw["stages"] = [{k: v for k, v in vars(s).items() if (k, v) not in (("training", {}), ("trainable", "all"),
+                                                                         ("pair", None))}
                      for s in plan.stages]
     return yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=110)
 
@@ -213,10 +221,10 @@ def describe(plan: Plan) -> str:
             f"{'stage':<14} {'layers':>6} {'params':>10} {'FLOPs/iter':>11} {'iters':>8} {'tokens':>10} "
             f"{'FLOPs':>10} {'share':>6}  stop / grow"]
     for stage, iters in zip(plan.stages, plan.planned_iterations()):
-        a, f = plan.model_args(stage), plan.step_flops(stage)
+        a, f = plan.model_args(stage), plan.stage_step_flops(stage)
         grow = stage.grow or {}
         how = stage.stop["policy"] + (f" <- LAG@{grow['k']}" if "select" in grow else
-                                      f" <- {grow['op']}" if grow else "")
+                                      f" <- {grow['op']}" if grow else "") + (" (two models)" if stage.pair else "")
         rows.append(f"{stage.name:<14} {a.num_layers:>6} {plan.parameters(stage) / 1e6:>9.2f}M {f:>11.4g} "
                     f"{iters:>8} {iters * plan.tokens_per_iteration:>10.4g} {iters * f:>10.4g} "
                     f"{iters * f / plan.budget['flops']:>6.1%}  {how}")

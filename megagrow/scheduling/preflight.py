@@ -166,6 +166,7 @@ def preflight(driver, baseline: bool = False) -> None:
     """Raise one PlanError about the first stage (or LAG probe, loss-law probe, baseline) that could not
     start; write nothing."""
     from megagrow.lag.probe import is_lag_selection, probe_stage
+    from megagrow.scheduling.pair import members
     from megagrow.scheduling.plan import Stage
     from megagrow.scheduling.timing import StopRule
     plan = driver.plan
@@ -174,8 +175,19 @@ def preflight(driver, baseline: bool = False) -> None:
     for i, ((stage, where), iters) in enumerate(zip(driver.stages(), plan.planned_iterations())):
         path = f"stages[{i}]"
         rule = driver.rule(i, start, 0.0, fit_law=False)
-        check_stage(driver, stage, where, start, rule, path, f"{path}.parallel")
-        _fits(driver.launcher, stage.parallel.get("nproc", 1), 1, where.name, f"{path}.parallel.nproc")
+        if stage.pair:  # two models at once, each on half the processes, with its own seed and data
+            for k, (model, folder) in enumerate(members(stage, where, plan.training)):
+                shards = model.training.get("data_path") or []
+                for prefix in _prefixes([shards] if isinstance(shards, str) else [str(p) for p in shards]):
+                    if not all(os.path.isfile(_resolve(prefix) + ext) for ext in (".bin", ".idx")):
+                        raise PlanError(f"{path}.pair.data_path[{k}]: {prefix}: .bin or .idx not found"
+                                        f"{_where(prefix)}")
+                check_stage(driver, model, folder, start, rule, path, f"{path}.parallel",
+                            label=f"model {k + 1} of the pair, on half of {path}.parallel.nproc")
+            _fits(driver.launcher, stage.parallel.get("nproc", 1) // 2, 2, where.name, f"{path}.parallel.nproc")
+        else:
+            check_stage(driver, stage, where, start, rule, path, f"{path}.parallel")
+            _fits(driver.launcher, stage.parallel.get("nproc", 1), 1, where.name, f"{path}.parallel.nproc")
         if is_lag_selection(stage.grow):  # each probe on `grow.parallel`, `groups` of them at a time
             probe, own = probe_stage(stage), stage.grow.get("parallel") is not None
             at = f"{path}.grow.parallel" if own else f"{path}.parallel"

@@ -5,9 +5,9 @@ Every problem is one PlanError naming its key path, e.g.
 Flag dicts (target, training, data, a stage's model and parallel) take Megatron-LM's flag names, checked
 against the trainer's parser (its types and choices); stop rules against the stop-rule fields; growth
 operators against the operator registry, including whether they turn the previous stage's shape into
-this one; shapes against each stage's tensor and pipeline parallel sizes. What needs the machine (data and
-tokenizer files, the trainer's own validation of each stage's flags, room in the launcher) is
-scheduling.preflight's, run by the driver before stage 0.
+this one (mixture: from a `pair` stage, two models side by side); shapes against each stage's tensor and
+pipeline parallel sizes. What needs the machine (data and tokenizer files, the trainer's own validation of
+each stage's flags, room in the launcher) is scheduling.preflight's, run by the driver before stage 0.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from megagrow.scheduling.timing import STOP_RULES, PlanError, StopRule
 LR_SCHEDULES = ("continue", "rewarm", "constant")
 TOP = {"target": dict, "budget": dict, "training": dict, "data": dict, "stages": list, "vocab_size": int}
 STAGE = {"name": str, "model": dict, "grow": (dict, type(None)), "stop": dict, "lr": dict, "parallel": dict,
-         "training": dict, "trainable": (str, list)}
+         "training": dict, "trainable": (str, list), "pair": (dict, type(None))}
 LR = {"schedule": str, "warmup_iters": int}
 BUDGET = {"flops": (int, float), "target_scratch_tokens": (int, float)}
 GROW_OP = {"op": str}
 GROW_SELECT = {"select": str, "k": int, "candidates": (list, type(None)), "space": (bool, str), "groups": int,
                "time_limit": (int, float, type(None)), "parallel": (dict, type(None))}
 STOP_EXTRA = {"tokens": (int, float), "evidence": dict, "probe_iters": int}
+PAIR = {"seeds": list, "data_path": list}
 _NUMBER = (int, float)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a stage's folder is stage<i>_<name>
 # Flags that count something: 0 or less is a plan that cannot train, said at the plan's key.
@@ -235,6 +236,35 @@ def _trainable(trainable, grow: dict | None, old, new, path: str) -> None:
     raise PlanError(f"{path}: new needs a depth growth into the stage that makes new layers ({why})")
 
 
+def _pair(stage: dict, i: int, stages: list, path: str) -> None:
+    """Two models side by side (scheduling.pair): the first stage, a fixed end, half the processes each, two
+    different models, and the next stage grows them with mixture."""
+    pair = stage["pair"]
+    _keys(pair, PAIR, path)
+    if i:
+        raise PlanError(f"{path}: only the first stage trains two models (both from scratch)")
+    nxt = normalized_grow(stages[i + 1].get("grow")) if i + 1 < len(stages) else None
+    if not nxt or not str(nxt.get("op", "")).startswith("mixture"):
+        raise PlanError(f"{path}: the next stage must grow the two models with mixture (grow: {{op: mixture}})")
+    policy = stage.get("stop", {}).get("policy")
+    if policy not in ("iters", "tokens", "formula"):
+        raise PlanError(f"{path}: both models stop together at a fixed iteration: stop.policy must be iters, tokens "
+                        f"or formula, not {policy}")
+    parallel = stage.get("parallel", {"nproc": 1})
+    tp = parallel.get("tensor_model_parallel_size", 1) * parallel.get("pipeline_model_parallel_size", 1)
+    if parallel.get("nproc", 1) % (2 * tp):
+        raise PlanError(f"{path}: each model trains on half of parallel.nproc {parallel.get('nproc', 1)}, which must "
+                        f"be a multiple of TP x PP = {tp}")
+    seeds = pair.get("seeds")
+    if seeds is not None and (len(seeds) != 2 or not all(_is(x, int) for x in seeds)):
+        raise PlanError(f"{path}.seeds: expected two integers, got {seeds!r}")
+    data = pair.get("data_path")
+    if data is not None and (len(data) != 2 or not all(_is(d, (str, list)) and d for d in data)):
+        raise PlanError(f"{path}.data_path: expected two data paths (a prefix or a blend each), got {data!r}")
+    if seeds is not None and seeds[0] == seeds[1] and not data:
+        raise PlanError(f"{path}.seeds: the same seed and data twice train the same model twice")
+
+
 def normalized_grow(grow: dict | None) -> dict | None:
     """A stage's `grow` entry in today's form: `{op: SPEC}`, or a LAG selection `{select: lag, k: K, ...}`
     (the older `{op: "lag:k=K", ...}` is still read)."""
@@ -321,6 +351,10 @@ def check_plan(raw) -> None:
             raise PlanError(f"{path}.grow: the first stage has nothing to grow from")
         if grow:
             _grow(grow, f"{path}.grow", previous, shape)
+            if str(grow.get("op", "")).startswith("mixture") and not raw["stages"][i - 1].get("pair"):
+                raise PlanError(f"{path}.grow.op: mixture recombines two models: the stage before needs `pair`")
+        if stage.get("pair") is not None:
+            _pair(stage, i, raw["stages"], f"{path}.pair")
         _trainable(stage.get("trainable", "all"), grow, previous, shape, f"{path}.trainable")
         previous = shape
     if raw["stages"][-1].get("stop", {"policy": "flops"})["policy"] != "flops":
