@@ -117,11 +117,12 @@ def _stacked_layers(view: CheckpointView) -> Unit:
 
 
 def fit(view: CheckpointView, args, growth: LearnedGrowth, small: dict[str, torch.Tensor], steps: int, lr: float,
-        seed: int, data_path: list[str] | None = None, log=sys.stderr) -> dict:
+        seed: int, data_path: list[str] | None = None, log=None) -> dict:
     """Train the maps for `steps` global batches on the grown model's LM loss (one process, TP=PP=1);
     `small`: the small model's weights (layer tensors stacked). Reads the training samples after those
     the small model consumed; returns the loss per step and that of one fixed held-out global batch
-    (the validation split's first) before and after."""
+    (the validation split's first) before and after. Progress goes to `log` (default: stderr at the call)."""
+    log = log or sys.stderr
     from torch.func import functional_call
     from megagrow.data.loader import build_datasets, microbatches
     from megagrow.data.tokenizer import tokenizer_from_args
