@@ -1,4 +1,4 @@
-"""Shared fixtures: a small real corpus, tokenizer and indexed dataset, and a torchrun launcher."""
+"""Shared fixtures: a small real corpus, tokenizer and indexed dataset, and multi-rank jobs (pretrain_job, ranks)."""
 
 from __future__ import annotations
 
@@ -135,13 +135,54 @@ def tiny_args(data_dir, **overrides) -> list[str]:
     return argv
 
 
-def torchrun(nproc: int, argv: list[str], metrics_file, timeout: int = 300) -> Run:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "pretrain_gpt.py", *argv, "--metrics-file", str(metrics_file)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+class _RankServer:
+    """The session's tests/rank_server.py process (started at first use, gone with the session)."""
+    conn = None
+
+    @classmethod
+    def request(cls, request: dict) -> dict:
+        if cls.conn is None:
+            from multiprocessing.connection import Client
+            address = os.path.join(tempfile.mkdtemp(prefix="megagrow-ranks-"), "socket")
+            cls.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "rank_server.py"), address],
+                                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            for _ in range(600):
+                if os.path.exists(address):
+                    break
+                if cls.process.poll() is not None:
+                    raise RuntimeError("tests/rank_server.py did not start")
+                time.sleep(0.1)
+            cls.conn = Client(address, family="AF_UNIX")
+            assert cls.conn.recv() == "ready"
+        cls.conn.send(request)
+        return cls.conn.recv()
+
+
+def ranks(nproc: int, script: str, argv: list[str], timeout: int = 300, real: bool = False) -> tuple[int, str]:
+    """SCRIPT ARGV (a path under the repository) as an `nproc`-rank job -> (exit code, output). The ranks are
+    forked from a process that has already imported torch and megatron-core (tests/rank_server.py: torchrun's
+    environment, the script as __main__, gloo between real processes); real=True launches the job with torchrun
+    itself, for what depends on torchrun's own behaviour."""
+    if real:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), script, *argv]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return out.returncode, out.stdout + out.stderr
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
+        result = _RankServer.request({"nproc": nproc, "script": script, "argv": list(argv), "env": dict(os.environ),
+                                      "cwd": ROOT, "port": free_port(), "log": log.name, "timeout": timeout})
+        output = open(log.name, errors="replace").read()
+    if result["timed_out"]:
+        raise subprocess.TimeoutExpired([script, *argv], timeout, output)
+    return next((code for code in result["codes"] if code != 0), 0), output
+
+
+def pretrain_job(nproc: int, argv: list[str], metrics_file, timeout: int = 300, real: bool = False) -> Run:
+    """pretrain_gpt.py ARGV on `nproc` ranks (see ranks()), its metrics file read back."""
+    returncode, output = ranks(nproc, "pretrain_gpt.py", [*argv, "--metrics-file", str(metrics_file)], timeout, real)
     metrics = [json.loads(l) for l in open(metrics_file)] if os.path.exists(metrics_file) else []
-    return Run(out.returncode, out.stdout + out.stderr, metrics)
+    return Run(returncode, output, metrics)
 
 
 BPE_VOCAB = 600

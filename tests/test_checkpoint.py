@@ -5,12 +5,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, forked_cli, free_port, tiny_args, torchrun
+from conftest import forked_cli, ranks, tiny_args, pretrain_job
 from megagrow.checkpoint.dcp_stream import read_common_state
 
 # Vocabulary 1024 padded to a multiple of 384 x TP: 1536 at TP=2 and 4, 1152 at TP=1, so conversions re-pad.
@@ -31,10 +30,8 @@ def megagrow(*argv, check=True) -> subprocess.CompletedProcess:
 
 def logits(root, nproc, tmp_path) -> torch.Tensor:
     out = tmp_path / f"logits_{os.path.basename(str(root))}.pt"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                          "--master-port", str(free_port()), "tests/logits_worker.py", str(root), str(out)],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stdout + run.stderr
+    code, output = ranks(nproc, "tests/logits_worker.py", [str(root), str(out)])
+    assert code == 0, output
     return torch.load(out)
 
 
@@ -45,7 +42,7 @@ def trained(data_dir, tmp_path_factory):
     runs = {"llama": (LLAMA, {}), "llama_distopt": (LLAMA, {"--use-distributed-optimizer": ""}),
             "gpt2": (GPT2, {"--ckpt-format": "torch"})}
     for name, (family, extra) in runs.items():
-        run = torchrun(4, tiny_args(data_dir, **family, **extra, **{"--save": str(d / name)}), d / f"{name}.jsonl")
+        run = pretrain_job(4, tiny_args(data_dir, **family, **extra, **{"--save": str(d / name)}), d / f"{name}.jsonl")
         assert run.returncode == 0, run.output
     return d
 
@@ -95,7 +92,7 @@ def test_transformer_engine_key_names_in_torch_format(trained, tmp_path):
 
 
 def _resume(data_dir, root, flags, tmp_path, name):
-    run = torchrun(4, tiny_args(data_dir, **{**flags, "--exit-interval": None, "--load": str(root)}),
+    run = pretrain_job(4, tiny_args(data_dir, **{**flags, "--exit-interval": None, "--load": str(root)}),
                    tmp_path / f"{name}.jsonl")
     assert run.returncode == 0, run.output
     assert "loaded checkpoint" in run.output
@@ -121,7 +118,7 @@ def test_distributed_optimizer_state_survives_conversion(data_dir, trained, tmp_
     # torch-Adam restore path needed two fixes for that, see checkpoint/trainer.py).
     own = {**LLAMA, "--use-distributed-optimizer": ""}
     resumed = _resume(data_dir, trained / "llama_distopt", own, tmp_path, "c")
-    full = torchrun(4, tiny_args(data_dir, **{**own, "--exit-interval": None}), tmp_path / "full.jsonl")
+    full = pretrain_job(4, tiny_args(data_dir, **{**own, "--exit-interval": None}), tmp_path / "full.jsonl")
     assert full.returncode == 0, full.output
     assert resumed == {it: full.losses()[it] for it in (4, 5, 6)}
 
@@ -208,7 +205,7 @@ def test_bf16_optimizer_master_copies_survive_conversion(data_dir, tmp_path):
     """bf16 with the plain optimizer keeps fp32 master copies ('fp32_param'): carried through a rechunked convert."""
     flags = {**LLAMA, "--bf16": "", "--pipeline-model-parallel-size": "1", "--make-vocab-size-divisible-by": "128"}
     src, converted = tmp_path / "bf16", tmp_path / "bf16_tp1"
-    run = torchrun(2, tiny_args(data_dir, **flags, **{"--save": str(src)}), tmp_path / "src.jsonl")
+    run = pretrain_job(2, tiny_args(data_dir, **flags, **{"--save": str(src)}), tmp_path / "src.jsonl")
     assert run.returncode == 0, run.output
     megagrow("checkpoint", "convert", "--load", str(src), "--save", str(converted), "--target-tp", "1", "--rechunk")
     from megagrow.checkpoint.io import open_checkpoint
@@ -216,7 +213,7 @@ def test_bf16_optimizer_master_copies_survive_conversion(data_dir, tmp_path):
     target = {**flags, "--tensor-model-parallel-size": "1", "--exit-interval": None}
     losses = []
     for root, name in ((converted, "conv"), (src, "from_src")):
-        resumed = torchrun(1, tiny_args(data_dir, **{**target, "--load": str(root)}), tmp_path / f"{name}.jsonl")
+        resumed = pretrain_job(1, tiny_args(data_dir, **{**target, "--load": str(root)}), tmp_path / f"{name}.jsonl")
         assert resumed.returncode == 0, resumed.output
         losses.append(resumed.losses())
     assert sorted(losses[0]) == [4, 5, 6] and losses[0] == losses[1]

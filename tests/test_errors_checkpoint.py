@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port, tiny_args, torchrun
+from conftest import ROOT, free_port, tiny_args, pretrain_job
 from megagrow.cli import main
 
 FORMATS = {"torch_dist": {"--tensor-model-parallel-size": "2", "--use-distributed-optimizer": ""},
@@ -33,7 +33,7 @@ def trained(data_dir, tmp_path_factory):
     """One tiny checkpoint per format at iteration 2, written by pretrain_gpt.py."""
     d = tmp_path_factory.mktemp("trained")
     for fmt, flags in FORMATS.items():
-        run = torchrun(2, tiny_args(data_dir, **flags, **{"--train-iters": "2", "--save": str(d / fmt)}),
+        run = pretrain_job(2, tiny_args(data_dir, **flags, **{"--train-iters": "2", "--save": str(d / fmt)}),
                        d / f"{fmt}.jsonl")
         assert run.returncode == 0, run.output
     return d

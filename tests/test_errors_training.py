@@ -17,7 +17,7 @@ import types
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_args, torchrun
+from conftest import ROOT, tiny_args, pretrain_job
 
 from megagrow.checkpoint.errors import read_tracker
 from megagrow.training.launch import main
@@ -227,7 +227,7 @@ def _torchrun_one_line(run, fragment: str) -> None:
 
 
 def test_bad_flag_under_torchrun(data_dir, tmp_path):
-    run = torchrun(2, tiny_args(data_dir, **{"--seq-length": "0"}), tmp_path / "m.jsonl", timeout=120)
+    run = pretrain_job(2, tiny_args(data_dir, **{"--seq-length": "0"}), tmp_path / "m.jsonl", timeout=120, real=True)
     _torchrun_one_line(run, "--seq-length 0: must be positive")
 
 
@@ -246,7 +246,7 @@ def checkpoints(data_dir, tmp_path_factory):
     for fmt in ("torch_dist", "torch"):
         flags = {"--tensor-model-parallel-size": "2", "--train-iters": "2", "--eval-iters": "0",
                  "--save": str(d / fmt), "--ckpt-format": fmt}
-        run = torchrun(2, tiny_args(data_dir, **flags), d / f"{fmt}.jsonl")
+        run = pretrain_job(2, tiny_args(data_dir, **flags), d / f"{fmt}.jsonl")
         assert run.returncode == 0, run.output[-3000:]
         found[fmt] = (d / fmt, _digest(d / fmt))
     return found
@@ -282,7 +282,7 @@ def test_damaged_checkpoint_is_one_line_on_every_rank(data_dir, checkpoints, tmp
     damaged = _digest(copy)
     flags = {"--tensor-model-parallel-size": "2", "--train-iters": "4", "--ckpt-format": fmt,
              "--load": str(copy), "--save": str(copy)}
-    run = torchrun(2, tiny_args(data_dir, **flags), tmp_path / "m.jsonl", timeout=120)
+    run = pretrain_job(2, tiny_args(data_dir, **flags), tmp_path / "m.jsonl", timeout=120)
     _torchrun_one_line(run, f"error: --load {copy}: ")
     line = next(line for line in run.output.splitlines() if line.startswith("error: "))
     assert re.search(pattern, line), line
@@ -300,7 +300,7 @@ DIVERGING = {"--lr": "1e30", "--train-iters": "6", "--eval-iters": "0"}
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     save = tmp_path / "ckpt"
     flags = {**DIVERGING, "--save": str(save), "--save-interval": "1", "--exit-interval": "3"}
-    run = torchrun(2, tiny_args(data_dir, **flags), tmp_path / "m.jsonl", timeout=240)
+    run = pretrain_job(2, tiny_args(data_dir, **flags), tmp_path / "m.jsonl", timeout=240)
     _torchrun_one_line(run, "error: iteration 3: ")
     line = next(line for line in run.output.splitlines() if line.startswith("error: "))
     assert re.fullmatch(r"error: iteration 3: (loss|grad norm) is (nan|inf), stopped before saving it "
@@ -313,7 +313,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp
 
 def test_no_check_for_nan_trains_on(data_dir, tmp_path):
     flags = {**DIVERGING, "--train-iters": "4"}
-    run = torchrun(1, tiny_args(data_dir, **flags) + ["--no-check-for-nan-in-loss-and-grad"], tmp_path / "m.jsonl")
+    run = pretrain_job(1, tiny_args(data_dir, **flags) + ["--no-check-for-nan-in-loss-and-grad"], tmp_path / "m.jsonl")
     assert run.returncode == 0, run.output[-3000:]
     losses = run.losses()
     assert sorted(losses) == [1, 2, 3, 4] and not math.isfinite(losses[3])  # NaN (or Inf) from iteration 3 on

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, tiny_args, torchrun
+from conftest import ROOT, tiny_args, pretrain_job
 
 from megagrow.checkpoint.io import open_checkpoint
 from megagrow.scheduling.plan import Plan, Stage, dump_plan
@@ -97,7 +97,7 @@ def _train(data_dir, tmp_path, load, frozen: str, extra: dict) -> tuple:
     start = tmp_path / "ckpt"
     shutil.copytree(load, start)
     before = layers(start)
-    run = torchrun(2, tiny_args(data_dir, **{"--load": str(start), "--save": str(start), "--freeze-layers": frozen,
+    run = pretrain_job(2, tiny_args(data_dir, **{"--load": str(start), "--save": str(start), "--freeze-layers": frozen,
                                              "--eval-iters": "0", **extra}), tmp_path / "m.jsonl")
     assert run.returncode == 0, run.output[-3000:]
     return before, layers(start), run

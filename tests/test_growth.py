@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_args, torchrun
+from conftest import tiny_args, pretrain_job
 from test_checkpoint import logits, megagrow
 
 from megagrow.growth.depth import GrowthError, NewLayer, connection_rate, describe
@@ -70,7 +70,7 @@ def small(data_dir, tmp_path_factory):
     """6-layer checkpoints at iteration 3 of 10, TP=2 PP=2: Llama (torch_dist), GPT-2 (torch format)."""
     d = tmp_path_factory.mktemp("small")
     for name, flags in (("llama", LLAMA6), ("gpt2", GPT2_6)):
-        run = torchrun(4, tiny_args(data_dir, **flags, **{"--save": str(d / name)}), d / f"{name}.jsonl")
+        run = pretrain_job(4, tiny_args(data_dir, **flags, **{"--save": str(d / name)}), d / f"{name}.jsonl")
         assert run.returncode == 0, run.output
     return d
 
@@ -127,7 +127,7 @@ def test_function_preserving_operators_keep_logits(small, tmp_path, family):
 def test_training_resumes_from_a_grown_checkpoint(data_dir, small, tmp_path):
     out = tmp_path / "stacked"
     _grow(small / "llama", out, "stack:g=2")
-    run = torchrun(4, tiny_args(data_dir, **{**LLAMA6, "--num-layers": "12", "--exit-interval": None,
+    run = pretrain_job(4, tiny_args(data_dir, **{**LLAMA6, "--num-layers": "12", "--exit-interval": None,
                                              "--load": str(out), "--save": str(out)}), tmp_path / "m.jsonl")
     assert run.returncode == 0, run.output
     losses = run.losses()
@@ -164,7 +164,7 @@ def test_redundant_layers_wake_up_in_training(data_dir, small, tmp_path):
     _grow(small / "gpt2", out, "redundant", "--num-layers", "9", "--target-tp", "1", "--target-pp", "1",
           "--ckpt-format", "torch_dist")
     before = open_checkpoint(str(out)).read_layer(2)["model"]  # I2: the first inserted layer
-    run = torchrun(1, tiny_args(data_dir, **{**GPT2_6, "--num-layers": "9", "--tensor-model-parallel-size": "1",
+    run = pretrain_job(1, tiny_args(data_dir, **{**GPT2_6, "--num-layers": "9", "--tensor-model-parallel-size": "1",
                                              "--pipeline-model-parallel-size": "1", "--ckpt-format": "torch_dist",
                                              "--exit-interval": None, "--train-iters": "5", "--load": str(out),
                                              "--save": str(out)}), tmp_path / "r.jsonl")
@@ -208,9 +208,9 @@ def test_width_growth_of_a_tied_layernorm_model_and_training_after(data_dir, sma
     assert res.returncode == 1 and "tied embeddings" in res.stderr
     # Heads grow in number, not size: the grown model states its head size (--kv-channels 16).
     wider = {**GPT2_6, "--ffn-hidden-size": "512", "--num-attention-heads": "8", "--exit-interval": None}
-    run = torchrun(4, tiny_args(data_dir, **wider, **{"--load": str(out)}), tmp_path / "w0.jsonl")
+    run = pretrain_job(4, tiny_args(data_dir, **wider, **{"--load": str(out)}), tmp_path / "w0.jsonl")
     assert run.returncode != 0 and "checkpoint has --kv-channels 16" in run.output
-    run = torchrun(4, tiny_args(data_dir, **wider, **{"--kv-channels": "16", "--load": str(out)}), tmp_path / "w.jsonl")
+    run = pretrain_job(4, tiny_args(data_dir, **wider, **{"--kv-channels": "16", "--load": str(out)}), tmp_path / "w.jsonl")
     assert run.returncode == 0, run.output
     losses = run.losses()
     assert sorted(losses) == list(range(4, 11)) and losses[10] < losses[4]
@@ -274,7 +274,7 @@ def test_masked_and_upper_layer_width_growth(data_dir, small, tmp_path):
             "--num-query-groups": "6", "--kv-channels": "8", "--tensor-model-parallel-size": "2",
             "--pipeline-model-parallel-size": "1", "--exit-interval": None, "--load": str(tmp_path / "llama_pdg"),
             "--save": str(tmp_path / "llama_pdg")}
-    run = torchrun(2, tiny_args(data_dir, **wide), tmp_path / "pdg.jsonl")
+    run = pretrain_job(2, tiny_args(data_dir, **wide), tmp_path / "pdg.jsonl")
     assert run.returncode == 0, run.output
     assert "growth masks (pdg)" in run.output and "fully open at iteration 7" in run.output
     losses = run.losses()
@@ -345,7 +345,7 @@ def test_learned_growth_fits_its_maps_and_trains_on(data_dir, small, tmp_path):
         "output_layer.weight"])  # depth growth leaves the globals as they are
 
     # The grown checkpoint resumes in the trainer at 12 layers, TP=2 PP=2, and its loss falls.
-    run = torchrun(4, tiny_args(data_dir, **{**LLAMA6, "--num-layers": "12", "--exit-interval": None,
+    run = pretrain_job(4, tiny_args(data_dir, **{**LLAMA6, "--num-layers": "12", "--exit-interval": None,
                                              "--load": str(deep), "--save": str(deep)}), tmp_path / "d.jsonl")
     assert run.returncode == 0, run.output
     losses = run.losses()
@@ -364,7 +364,7 @@ def test_learned_growth_fits_its_maps_and_trains_on(data_dir, small, tmp_path):
     for state, power in (("model", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
         by_hand = rows ** power @ old[1][state][fc2] @ (cols ** power).T
         assert torch.allclose(new[state][fc2], by_hand, rtol=1e-4, atol=1e-7), state
-    run = torchrun(2, tiny_args(data_dir, **{**LLAMA6, "--hidden-size": "96", "--ffn-hidden-size": "256",
+    run = pretrain_job(2, tiny_args(data_dir, **{**LLAMA6, "--hidden-size": "96", "--ffn-hidden-size": "256",
                                              "--num-attention-heads": "12", "--num-query-groups": "6",
                                              "--kv-channels": "8", "--pipeline-model-parallel-size": "1",
                                              "--train-iters": "6", "--exit-interval": None, "--load": str(wide)}),

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import tiny_args, torchrun
+from conftest import tiny_args, pretrain_job
 from test_checkpoint import logits, megagrow
 
 transformers = pytest.importorskip("transformers")
@@ -125,7 +125,7 @@ def test_hf_model_grown_with_zero_keeps_its_logits(hf_models, tmp_path):
 @pytest.mark.slow
 def test_trained_and_grown_checkpoints_export_to_transformers(data_dir, tmp_path):
     trained = tmp_path / "trained"
-    run = torchrun(4, tiny_args(data_dir, **{"--tensor-model-parallel-size": "2", "--pipeline-model-parallel-size": "2",
+    run = pretrain_job(4, tiny_args(data_dir, **{"--tensor-model-parallel-size": "2", "--pipeline-model-parallel-size": "2",
                                              "--train-iters": "2", "--save": str(trained)}), tmp_path / "m.jsonl")
     assert run.returncode == 0, run.output
     grown = tmp_path / "grown"
@@ -223,7 +223,7 @@ def test_released_model_grown_trained_on_with_its_tokenizer_and_exported(bpe, bp
     flags.update({"--num-layers": "6", "--tokenizer-type": tok[1], "--tokenizer-model": tok[3],
                   "--data-path": str(tmp_path / "text_text_document"), "--train-iters": "3", "--load": str(grown),
                   "--save": str(tmp_path / "trained")})
-    run = torchrun(1, tiny_args(data_dir, **flags), tmp_path / "m.jsonl")
+    run = pretrain_job(1, tiny_args(data_dir, **flags), tmp_path / "m.jsonl")
     assert run.returncode == 0 and "loaded checkpoint" in run.output, run.output
     assert sorted(run.losses()) == [1, 2, 3]
     exported = tmp_path / "exported"

@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from conftest import tiny_args, torchrun
+from conftest import tiny_args, pretrain_job
 from test_checkpoint import megagrow
 from test_staged import final, megagrow_run, staged_plan
 
@@ -50,7 +50,7 @@ def results(run_dir):
 @pytest.mark.slow
 def test_lag_study_trains_every_candidate_to_the_end(data_dir, tmp_path):
     src = tmp_path / "src"
-    run = torchrun(1, tiny_args(data_dir, **{"--num-layers": "2", "--train-iters": "4", "--save": str(src)}),
+    run = pretrain_job(1, tiny_args(data_dir, **{"--num-layers": "2", "--train-iters": "4", "--save": str(src)}),
                    tmp_path / "src.jsonl")
     assert run.returncode == 0, run.output
     out = megagrow("lag", "study", "--load", str(src), "--num-layers", "3", "--steps", "6", "--output",

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, pretrain_job
 from test_checkpoint import logits, megagrow
 
 MEGATRON_LM = os.environ.get("MEGAGROW_MEGATRON_LM_FIXTURES",
@@ -102,7 +102,7 @@ def test_resume_continues_megatron_lm_losses(fixtures, tmp_path, name):
     the saved checkpoint has Megatron-LM's RNG layout and content_metadata."""
     src = tmp_path / "ck"
     shutil.copytree(fixtures / "fx" / name, src)
-    run = torchrun(2, FLAGS + LAYOUT[name] + data_flags(fixtures, tmp_path) +
+    run = pretrain_job(2, FLAGS + LAYOUT[name] + data_flags(fixtures, tmp_path) +
                    ["--load", str(src), "--save", str(src), "--exit-interval", "13"], tmp_path / "m.jsonl")
     assert run.returncode == 0, run.output
     losses = run.losses()
@@ -174,7 +174,7 @@ def test_grow_fixtures_and_train(fixtures, tmp_path):
             assert info["optimizer"] and "step 10" in info["optimizer"]
     flags = [f if f != "4" or FLAGS[i - 1] != "--num-layers" else "6" for i, f in enumerate(FLAGS)]
     for name in ("torch_dist_tp2", "distopt_dp2"):
-        run = torchrun(2, flags + LAYOUT[name] + data_flags(fixtures, tmp_path) +
+        run = pretrain_job(2, flags + LAYOUT[name] + data_flags(fixtures, tmp_path) +
                        ["--load", str(tmp_path / f"{name}_zero"), "--exit-interval", "13"], tmp_path / f"{name}.jsonl")
         assert run.returncode == 0, run.output
         losses = run.losses()
@@ -191,7 +191,7 @@ def test_resume_mcore019_fixtures(fixtures, tmp_path):
     for name, layout in (("torch_dist_tp2", ["--tensor-model-parallel-size", "2"]),
                          ("distopt_dp2", ["--use-distributed-optimizer", "--dist-ckpt-optim-sharding", "dp_reshardable"])):
         src = fixtures / "mcore019" / name
-        run = torchrun(2, spec + layout + data_flags(fixtures, tmp_path) + ["--load", str(src)], tmp_path / f"{name}.jsonl")
+        run = pretrain_job(2, spec + layout + data_flags(fixtures, tmp_path) + ["--load", str(src)], tmp_path / f"{name}.jsonl")
         if not READS_COMMON_STATE_IN_DCP:
             assert run.returncode != 0 and "convert it first" in run.output
             continue
@@ -204,7 +204,7 @@ def test_resume_mcore019_fixtures(fixtures, tmp_path):
 def test_vocabulary_mismatch_is_one_line(fixtures, tmp_path):
     """Megatron-LM's SentencePieceTokenizer is the same model plus 4 tokens: a different vocabulary."""
     flags = [f if f != "GPTSentencePieceTokenizer" else "SentencePieceTokenizer" for f in FLAGS]
-    run = torchrun(2, flags + LAYOUT["torch_dist_tp2"] + data_flags(fixtures, tmp_path) +
+    run = pretrain_job(2, flags + LAYOUT["torch_dist_tp2"] + data_flags(fixtures, tmp_path) +
                    ["--load", str(fixtures / "fx" / "torch_dist_tp2"), "--exit-interval", "11"], tmp_path / "v.jsonl")
     assert run.returncode != 0
     errors = [l for l in run.output.splitlines() if l.startswith("error:")]

@@ -173,10 +173,10 @@ def _without(argv: list[str], flags: set[str]) -> list[str]:
 
 def _run_until_it_trains(nproc, argv, tmp_path, allowed):
     """Launch; while it refuses, check the refusal is one line naming flags in `allowed`, drop them, relaunch."""
-    from conftest import torchrun
+    from conftest import pretrain_job
     refused = set()
     for attempt in range(len(allowed) + 1):
-        run = torchrun(nproc, _without(argv, refused), tmp_path / f"m{attempt}.jsonl")
+        run = pretrain_job(nproc, _without(argv, refused), tmp_path / f"m{attempt}.jsonl")
         if run.returncode == 0:
             return run, refused
         errors = {l for l in run.output.splitlines() if l.startswith("error: ")}

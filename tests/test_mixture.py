@@ -6,13 +6,12 @@ Run as a script under torchrun, this file is also the worker that saves per-laye
 import contextlib
 import io
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ranks
 
 from megagrow.growth.operators import GrowthError
 
@@ -190,11 +189,8 @@ def test_zero_coefficients_split_hidden_states_exactly(pair, tmp_path):
     grow(str(pair / "a"), str(tmp_path / "g"), "mixture:init=zero", SIZES, 1, 1, progress=False,
          second=str(tmp_path / "b"))
     out = tmp_path / "hidden.pt"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
-                          str(free_port()), __file__, str(out), *(str(p) for p in (pair / "a", tmp_path / "b",
-                                                                                   tmp_path / "g"))],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stdout + run.stderr
+    code, output = ranks(1, __file__, [str(out), *(str(p) for p in (pair / "a", tmp_path / "b", tmp_path / "g"))])
+    assert code == 0, output
     ha, hb, hg = torch.load(out)
     assert len(hg) == 4  # both layers, the final norm, the logits
     for i, (x, y, z) in enumerate(zip(ha[:-1], hb[:-1], hg[:-1])):  # [seq, batch, hidden] each

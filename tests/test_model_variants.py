@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_args, torchrun
+from conftest import ROOT, tiny_args, pretrain_job
 from test_checkpoint import logits
 
 from megagrow.cli import main as megagrow_main
@@ -44,7 +44,7 @@ def runs(data_dir, tmp_path_factory):
     for name, nproc, flags in (("qk_tp1", 1, QK), ("qk", 2, {**QK, "--tensor-model-parallel-size": "2",
                                                               "--exit-interval": "8", "--save": str(d / "qk")}),
                                ("rope", 2, {**ROPE, "--save": str(d / "rope")})):
-        run = torchrun(nproc, tiny_args(data_dir, **flags), d / f"{name}.jsonl")
+        run = pretrain_job(nproc, tiny_args(data_dir, **flags), d / f"{name}.jsonl")
         assert run.returncode == 0, run.output
         out[name] = run
     out["dir"] = d
@@ -214,7 +214,7 @@ def test_conversion_keeps_logits_and_the_variant(data_dir, runs, reference, tmp_
         assert (a.qk_layernorm, a.add_qkv_bias, a.use_rope_scaling, a.rope_scaling_factor,
                 a.layernorm_zero_centered_gamma) == ((True, True, False, 8.0, False) if name == "qk"
                                                      else (False, True, True, 4.0, True))
-    resumed = torchrun(2, tiny_args(data_dir, **{**QK, "--pipeline-model-parallel-size": "2", "--ckpt-format": "torch",
+    resumed = pretrain_job(2, tiny_args(data_dir, **{**QK, "--pipeline-model-parallel-size": "2", "--ckpt-format": "torch",
                                                  "--load": str(tmp_path / "qk_tp1pp2")}), tmp_path / "resumed.jsonl")
     assert resumed.returncode == 0, resumed.output
     assert sorted(resumed.losses()) == [9]

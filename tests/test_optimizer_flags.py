@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, tiny_args, torchrun
+from conftest import ROOT, tiny_args, pretrain_job
 
 FIRST = {"--train-iters": "8", "--exit-interval": "4", "--min-lr": "3e-4", "--lr-decay-style": "cosine"}
 GBS = 8
@@ -49,7 +49,7 @@ def records(path, kind):
 def first_stage(data_dir, tmp_path_factory):
     """Iterations 1-4 of an 8-iteration cosine schedule (lr 3e-3, min 3e-4, wd 0.01, beta2 0.999)."""
     d = tmp_path_factory.mktemp("first")
-    run = torchrun(1, tiny_args(data_dir, **FIRST, **{"--save": str(d / "ckpt")}), d / "metrics.jsonl")
+    run = pretrain_job(1, tiny_args(data_dir, **FIRST, **{"--save": str(d / "ckpt")}), d / "metrics.jsonl")
     assert run.returncode == 0, run.output
     return d / "ckpt"
 
@@ -71,7 +71,7 @@ def test_the_runs_flags_win(data_dir, first_stage, tmp_path, case):
     extra, start, held = CASES[case]
     argv = tiny_args(data_dir, **{**FIRST, "--exit-interval": "6", "--load": str(first_stage),
                                            "--save": str(tmp_path / "ckpt")}) + extra
-    run = torchrun(1, argv, tmp_path / "metrics.jsonl")
+    run = pretrain_job(1, argv, tmp_path / "metrics.jsonl")
     assert run.returncode == 0, run.output
     logged = {r["iteration"]: r["lr"] for r in records(tmp_path / "metrics.jsonl", "train")}
     assert sorted(logged) == [5, 6]
@@ -86,7 +86,7 @@ def test_use_checkpoint_keeps_the_checkpoints_values(data_dir, first_stage, tmp_
     changed = ["--lr", "1e-2", "--min-lr", "1e-3", "--weight-decay", "0.1", "--adam-beta2", "0.95"]
     argv = tiny_args(data_dir, **{**FIRST, "--exit-interval": "6", "--load": str(first_stage),
                                            "--save": str(tmp_path / "ckpt")})
-    run = torchrun(1, argv + ["--use-checkpoint-opt_param-scheduler"] + changed, tmp_path / "metrics.jsonl")
+    run = pretrain_job(1, argv + ["--use-checkpoint-opt_param-scheduler"] + changed, tmp_path / "metrics.jsonl")
     assert run.returncode == 0, run.output
     logged = {r["iteration"]: r["lr"] for r in records(tmp_path / "metrics.jsonl", "train")}
     assert [logged[5], logged[6]] == expected_lrs(argv, [5, 6], 0)  # the first run's schedule

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_args, torchrun
+from conftest import tiny_args, pretrain_job
 
 GBS = 8  # tiny_args' global batch
 ITERS = {"--train-iters": "5", "--lr-warmup-iters": "1", "--lr-decay-iters": "5", "--lr-decay-style": "cosine",
@@ -24,13 +24,13 @@ def curve(run):
 def test_samples_train_as_iterations_do(data_dir, tmp_path):
     """The same schedule said in samples, or as a warmup fraction, trains the same iterations bit for bit;
     --train-samples stops where Megatron-LM does (a last partial batch is not trained)."""
-    by_iters = torchrun(1, tiny_args(data_dir, **ITERS), tmp_path / "iters.jsonl")
+    by_iters = pretrain_job(1, tiny_args(data_dir, **ITERS), tmp_path / "iters.jsonl")
     assert by_iters.returncode == 0, by_iters.output[-3000:]
     in_samples = {**ITERS, "--train-iters": None, "--lr-warmup-iters": None, "--lr-decay-iters": None,
                   "--train-samples": str(5 * GBS + GBS - 1), "--lr-warmup-samples": str(GBS),
                   "--lr-decay-samples": str(5 * GBS)}
     fraction = {**ITERS, "--lr-warmup-iters": None, "--lr-warmup-fraction": "0.2"}
-    runs = {name: torchrun(1, tiny_args(data_dir, **flags), tmp_path / f"{name}.jsonl")
+    runs = {name: pretrain_job(1, tiny_args(data_dir, **flags), tmp_path / f"{name}.jsonl")
             for name, flags in (("samples", in_samples), ("fraction", fraction))}
     for name, run in runs.items():
         assert run.returncode == 0, (name, run.output[-3000:])
@@ -65,7 +65,7 @@ def test_batch_ramp_and_decoupled_lr(data_dir, tmp_path):
     samples) gives batches 2, 2, 4, 6, then 6s to the last whole batch; samples and FLOPs count each.
     --decoupled-lr 0 freezes the embedding and output layer only, at the run's own LR schedule."""
     ramp = {"--train-iters": None, "--lr-warmup-iters": None, "--train-samples": "30", "--global-batch-size": "6"}
-    run = torchrun(1, tiny_args(data_dir, **ramp) + ["--rampup-batch-size", "2", "2", "8"], tmp_path / "ramp.jsonl")
+    run = pretrain_job(1, tiny_args(data_dir, **ramp) + ["--rampup-batch-size", "2", "2", "8"], tmp_path / "ramp.jsonl")
     assert run.returncode == 0, run.output[-3000:]
     train = [r for r in run.metrics if r["kind"] == "train"]
     assert [r["global_batch_size"] for r in train] == [2, 2, 4, 6, 6, 6]
@@ -79,9 +79,9 @@ def test_batch_ramp_and_decoupled_lr(data_dir, tmp_path):
              "--save": str(tmp_path / "s")}
     runs = {}
     for name, flags in (("decoupled", frozen), ("still", still)):
-        runs[name] = torchrun(1, tiny_args(data_dir, **flags), tmp_path / f"{name}.jsonl")
+        runs[name] = pretrain_job(1, tiny_args(data_dir, **flags), tmp_path / f"{name}.jsonl")
         assert runs[name].returncode == 0, runs[name].output[-3000:]
-    plain = torchrun(1, tiny_args(data_dir, **{"--train-iters": "3"}), tmp_path / "plain.jsonl")
+    plain = pretrain_job(1, tiny_args(data_dir, **{"--train-iters": "3"}), tmp_path / "plain.jsonl")
     assert [lr for *_, lr in curve(runs["decoupled"])] == [lr for *_, lr in curve(plain)]
     views = {name: open_checkpoint(str(tmp_path / name[0])) for name in runs}
     try:
@@ -106,7 +106,7 @@ def test_logging_and_profiling_flags(data_dir, tmp_path, monkeypatch):
              "--log-timers-to-tensorboard", "--tensorboard-dir", str(tb), "--profile", "--use-pytorch-profiler",
              "--profile-step-start", "1", "--profile-step-end", "2", "--wandb-project", "megagrow-test",
              "--wandb-exp-name", "tiny", "--wandb-save-dir", str(tmp_path / "wandb"), "--save", str(tmp_path / "ck")]
-    run = torchrun(2, tiny_args(data_dir, **{"--tensor-model-parallel-size": "2", "--train-iters": "3"}) + flags,
+    run = pretrain_job(2, tiny_args(data_dir, **{"--tensor-model-parallel-size": "2", "--train-iters": "3"}) + flags,
                    tmp_path / "m.jsonl")
     assert run.returncode == 0, run.output[-3000:]
     lines = [l for l in run.output.splitlines() if " iteration        3/       3 |" in l]

@@ -4,7 +4,7 @@ to the plain run's losses (real torchrun/gloo jobs, 10 iterations)."""
 
 import pytest
 
-from conftest import tiny_args, torchrun
+from conftest import tiny_args, pretrain_job
 
 TEN = {"--train-iters": "10", "--eval-interval": "5", "--eval-iters": "1"}
 TP2 = {**TEN, "--tensor-model-parallel-size": "2"}
@@ -31,11 +31,11 @@ def assert_same_losses(plain, other, rel: float = 1e-5):
                                                 "--ddp-bucket-size", "20000"]}),
 ], ids=["tp2", "distributed-optimizer"])
 def test_same_losses_as_the_plain_run(data_dir, tmp_path, base, variants):
-    plain = torchrun(2, tiny_args(data_dir, **base), tmp_path / "plain.jsonl")
+    plain = pretrain_job(2, tiny_args(data_dir, **base), tmp_path / "plain.jsonl")
     assert plain.returncode == 0, plain.output
     losses = plain.losses()
     assert len(losses) == 10 and losses[10] < losses[1]
     for name, flags in variants.items():
-        run = torchrun(2, tiny_args(data_dir, **base) + flags, tmp_path / f"{name}.jsonl")
+        run = pretrain_job(2, tiny_args(data_dir, **base) + flags, tmp_path / f"{name}.jsonl")
         assert run.returncode == 0, (name, run.output[-3000:])
         assert_same_losses(plain, run)

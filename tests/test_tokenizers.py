@@ -15,7 +15,7 @@ import types
 
 import pytest
 
-from conftest import BPE_EOD as EOD, BPE_VOCAB as VOCAB, ROOT, run_tool, tiny_args, torchrun
+from conftest import BPE_EOD as EOD, BPE_VOCAB as VOCAB, ROOT, run_tool, tiny_args, pretrain_job
 
 from megagrow.model.shape import padded_vocab_size
 
@@ -103,7 +103,7 @@ def test_pretrain_trains(bpe, prefixes, tmp_path, kind, tp):
     argv = tiny_args(str(tmp_path), **{"--tokenizer-type": None, "--tokenizer-model": None,
                                        "--data-path": prefixes[kind], "--data-cache-path": str(tmp_path / "cache"),
                                        "--save": str(tmp_path / "ckpt"), "--tensor-model-parallel-size": str(tp)})
-    run = torchrun(tp, argv + FLAGS[kind](bpe), tmp_path / "m.jsonl")
+    run = pretrain_job(tp, argv + FLAGS[kind](bpe), tmp_path / "m.jsonl")
     got = _trained(run, tmp_path / "ckpt")
     assert got["padded"] == padded_vocab_size(VOCAB, 128, tp) == {1: 640, 2: 768}[tp]
     assert got["args"].tokenizer_vocab_size == VOCAB
@@ -117,7 +117,7 @@ def test_mock_data_trains(tmp_path):
     argv = tiny_args(str(tmp_path), **{"--tokenizer-type": "NullTokenizer", "--tokenizer-model": None,
                                        "--data-path": None, "--split": None, "--data-cache-path": None,
                                        "--save": str(tmp_path / "ckpt")})
-    run = torchrun(1, argv + ["--mock-data", "--vocab-size", "300", "--no-create-attention-mask-in-dataloader"],
+    run = pretrain_job(1, argv + ["--mock-data", "--vocab-size", "300", "--no-create-attention-mask-in-dataloader"],
                    tmp_path / "m.jsonl")
     assert _trained(run, tmp_path / "ckpt")["padded"] == 384  # NullTokenizer: 300 ids and its eod, padded
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, free_port, tiny_args, torchrun
+from conftest import ROOT, free_port, tiny_args, pretrain_job
 
 
 def assert_close(a: dict, b: dict, rel: float = 1e-4):
@@ -23,7 +23,8 @@ def test_same_losses_across_layouts(data_dir, tmp_path):
     runs = {}
     for name, nproc, flags in [("tp1pp1", 1, {}), ("tp2", 2, {"--tensor-model-parallel-size": "2"}),
                                ("pp2", 2, {"--pipeline-model-parallel-size": "2"}), ("dp2", 2, {})]:
-        run = torchrun(nproc, tiny_args(data_dir, **flags), tmp_path / f"{name}.jsonl")
+        # tp2 under torchrun itself: the launch users run gives the same losses as the tests' forked ranks
+        run = pretrain_job(nproc, tiny_args(data_dir, **flags), tmp_path / f"{name}.jsonl", real=name == "tp2")
         assert run.returncode == 0, run.output
         runs[name] = run
     base = runs["tp1pp1"]
@@ -38,8 +39,8 @@ def test_gpt2_tied_embeddings_across_pipeline_stages(data_dir, tmp_path):
     """GPT-2 family (LayerNorm, GeLU, learned positions, tied embeddings split across stages)."""
     gpt2 = {"--group-query-attention": None, "--num-query-groups": None, "--swiglu": None,
             "--normalization": None, "--position-embedding-type": None, "--untie-embeddings-and-output-weights": None}
-    a = torchrun(1, tiny_args(data_dir, **gpt2), tmp_path / "a.jsonl")
-    b = torchrun(2, tiny_args(data_dir, **gpt2, **{"--pipeline-model-parallel-size": "2"}), tmp_path / "b.jsonl")
+    a = pretrain_job(1, tiny_args(data_dir, **gpt2), tmp_path / "a.jsonl")
+    b = pretrain_job(2, tiny_args(data_dir, **gpt2, **{"--pipeline-model-parallel-size": "2"}), tmp_path / "b.jsonl")
     assert a.returncode == 0 and b.returncode == 0, a.output + b.output
     assert_close(a.losses(), b.losses())
 
@@ -48,20 +49,20 @@ def test_gpt2_tied_embeddings_across_pipeline_stages(data_dir, tmp_path):
 def test_resume_is_bit_identical_and_reshards(data_dir, tmp_path):
     dropout = {"--hidden-dropout": "0.1", "--attention-dropout": "0.1", "--tensor-model-parallel-size": "2",
                "--train-iters": "6", "--eval-interval": "3"}
-    full = torchrun(2, tiny_args(data_dir, **dropout, **{"--save": str(tmp_path / "full")}), tmp_path / "full.jsonl")
+    full = pretrain_job(2, tiny_args(data_dir, **dropout, **{"--save": str(tmp_path / "full")}), tmp_path / "full.jsonl")
     assert full.returncode == 0, full.output
     ck = str(tmp_path / "ck")
-    first = torchrun(2, tiny_args(data_dir, **dropout, **{"--save": ck, "--exit-interval": "3"}), tmp_path / "r.jsonl")
+    first = pretrain_job(2, tiny_args(data_dir, **dropout, **{"--save": ck, "--exit-interval": "3"}), tmp_path / "r.jsonl")
     assert first.returncode == 0, first.output
     assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "3"
-    second = torchrun(2, tiny_args(data_dir, **dropout, **{"--save": ck, "--load": ck}), tmp_path / "r.jsonl")
+    second = pretrain_job(2, tiny_args(data_dir, **dropout, **{"--save": ck, "--load": ck}), tmp_path / "r.jsonl")
     assert second.returncode == 0, second.output
     assert "loaded checkpoint" in second.output
     assert second.losses() == full.losses()  # exact float equality, iterations 1..6
     assert second.losses("valid") == full.losses("valid")
 
     # The TP=2 checkpoint loads at TP=1 (torch_dist resharding) and evaluates to the same loss.
-    tp1 = torchrun(1, tiny_args(data_dir, **{**dropout, "--tensor-model-parallel-size": "1", "--load": ck}),
+    tp1 = pretrain_job(1, tiny_args(data_dir, **{**dropout, "--tensor-model-parallel-size": "1", "--load": ck}),
                    tmp_path / "tp1.jsonl")
     assert tp1.returncode == 0, tp1.output
     assert not tp1.losses()  # nothing left to train
@@ -82,8 +83,8 @@ def test_clip_grad_clips_on_cpu(data_dir, tmp_path):
     """One SGD step with --clip-grad c moves the (TP-sharded) parameters by exactly lr * c."""
     sgd = {"--optimizer": "sgd", "--weight-decay": "0", "--lr-decay-style": "constant", "--lr-warmup-iters": "0",
            "--train-iters": "1", "--tensor-model-parallel-size": "2", "--eval-iters": "0"}
-    start = torchrun(2, tiny_args(data_dir, **sgd, **{"--lr": "0", "--save": str(tmp_path / "a")}), tmp_path / "a.jsonl")
-    step = torchrun(2, tiny_args(data_dir, **sgd, **{"--lr": "1.0", "--clip-grad": "0.01", "--save": str(tmp_path / "b")}),
+    start = pretrain_job(2, tiny_args(data_dir, **sgd, **{"--lr": "0", "--save": str(tmp_path / "a")}), tmp_path / "a.jsonl")
+    step = pretrain_job(2, tiny_args(data_dir, **sgd, **{"--lr": "1.0", "--clip-grad": "0.01", "--save": str(tmp_path / "b")}),
                     tmp_path / "b.jsonl")
     assert start.returncode == 0 and step.returncode == 0, start.output + step.output
     grad_norm = step.metrics[0]["grad_norm"]
@@ -131,7 +132,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
             _kill_tree(proc.pid)
     assert _tracker(ck) == "2" and os.path.isdir(in_flight)  # killed mid-save, previous one still current
     assert not os.path.exists(os.path.join(ck, "iter_0000004"))
-    resumed = torchrun(2, ["--tensor-model-parallel-size", "2", *tiny_args(
+    resumed = pretrain_job(2, ["--tensor-model-parallel-size", "2", *tiny_args(
         data_dir, **{"--train-iters": "4", "--save": ck, "--load": ck, "--hidden-size": "256",
                      "--num-attention-heads": "8", "--num-query-groups": "4"})], tmp_path / "m.jsonl")
     assert resumed.returncode == 0, resumed.output

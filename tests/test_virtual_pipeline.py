@@ -5,7 +5,7 @@ and back with identical logits, and grows function-preservingly into another vir
 import pytest
 import torch
 
-from conftest import tiny_args, torchrun
+from conftest import tiny_args, pretrain_job
 from test_checkpoint import logits, megagrow
 from test_speed_flags import assert_same_losses
 
@@ -15,17 +15,17 @@ VPP2 = ["--num-virtual-stages-per-pipeline-rank", "2"]
 
 @pytest.mark.slow
 def test_interleaved_schedule_trains_saves_converts_and_grows(data_dir, tmp_path):
-    plain = torchrun(2, tiny_args(data_dir, **PP2), tmp_path / "plain.jsonl")
+    plain = pretrain_job(2, tiny_args(data_dir, **PP2), tmp_path / "plain.jsonl")
     assert plain.returncode == 0, plain.output[-3000:]
     ck = tmp_path / "vpp"
-    vpp = torchrun(2, tiny_args(data_dir, **PP2, **{"--save": str(ck), "--save-interval": "5"}) + VPP2,
+    vpp = pretrain_job(2, tiny_args(data_dir, **PP2, **{"--save": str(ck), "--save-interval": "5"}) + VPP2,
                    tmp_path / "vpp.jsonl")
     assert vpp.returncode == 0, vpp.output[-3000:]
     assert_same_losses(plain, vpp)
 
     # Resumed from its iteration-5 checkpoint with the same layout: the same last five iterations.
     (ck / "latest_checkpointed_iteration.txt").write_text("5")
-    resumed = torchrun(2, tiny_args(data_dir, **PP2, **{"--load": str(ck)}) + VPP2, tmp_path / "resumed.jsonl")
+    resumed = pretrain_job(2, tiny_args(data_dir, **PP2, **{"--load": str(ck)}) + VPP2, tmp_path / "resumed.jsonl")
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert {it: v for it, v in vpp.losses().items() if it > 5} == resumed.losses()
     (ck / "latest_checkpointed_iteration.txt").write_text("10")
@@ -44,7 +44,7 @@ def test_interleaved_schedule_trains_saves_converts_and_grows(data_dir, tmp_path
              "--target-vpp", "4", "--quiet")
     assert (logits(grown, 2, tmp_path) - reference).abs().max().item() <= 1e-5
     more = {**PP2, "--load": str(grown), "--num-layers": "8", "--train-iters": "12"}
-    resumed = torchrun(2, tiny_args(data_dir, **more) + ["--num-virtual-stages-per-pipeline-rank", "4"],
+    resumed = pretrain_job(2, tiny_args(data_dir, **more) + ["--num-virtual-stages-per-pipeline-rank", "4"],
                        tmp_path / "grown.jsonl")
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert sorted(resumed.losses()) == [11, 12]
