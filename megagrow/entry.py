@@ -88,6 +88,13 @@ def guarded(main: Callable[[], int | None], all_ranks_agree: bool = True) -> int
         if isinstance(e.code, str):
             _say(e.code)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BrokenPipeError:
+        # The reader went away (`megagrow checkpoint inspect X | head`): stop quietly, as POSIX tools do.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        except (OSError, ValueError):
+            pass
+        return 128 + signal.SIGPIPE
     except OSError as e:
         line = os_error_line(e)
         _say(line if line else report_unexpected(e))

@@ -69,3 +69,14 @@ def test_tools_fail_in_one_line(data_dir, tmp_path, argv, fragment):
     assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert fragment in lines[0] and "Traceback" not in out.stderr and "unexpected" not in lines[0], lines[0]
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`megagrow ... | head`: the reader leaves early; the command stops without an error line (exit 141)."""
+    proc = subprocess.Popen([sys.executable, "-m", "megagrow.cli", "plan", "--train-tokens", "2e12", "--num-layers",
+                             "32", "--hidden-size", "4096", "--num-attention-heads", "32", "--seq-length", "4096",
+                             "--global-batch-size", "1024", "--vocab-size", "32000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before it writes: its first write meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err
