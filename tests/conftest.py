@@ -146,16 +146,21 @@ class _RankServer:
             address = os.path.join(tempfile.mkdtemp(prefix="megagrow-ranks-"), "socket")
             cls.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "rank_server.py"), address],
                                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            for _ in range(600):
-                if os.path.exists(address):
-                    break
+            for _ in range(600):  # it imports torch and megatron-core first, then listens
                 if cls.process.poll() is not None:
                     raise RuntimeError("tests/rank_server.py did not start")
-                time.sleep(0.1)
-            cls.conn = Client(address, family="AF_UNIX")
-            assert cls.conn.recv() == "ready"
-        cls.conn.send(request)
-        return cls.conn.recv()
+                try:
+                    cls.conn = Client(address, family="AF_UNIX")
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    time.sleep(0.1)
+            assert cls.conn is not None and cls.conn.recv() == "ready", "tests/rank_server.py did not start"
+        try:
+            cls.conn.send(request)
+            return cls.conn.recv()
+        except (EOFError, OSError) as e:  # the server died: the next job starts a new one
+            cls.conn = None
+            raise RuntimeError(f"tests/rank_server.py went away ({type(e).__name__})") from e
 
 
 def ranks(nproc: int, script: str, argv: list[str], timeout: int = 300, real: bool = False) -> tuple[int, str]:
