@@ -74,14 +74,27 @@ def read_sharded_object(reader: FileSystemReader, key: str):
     """A ShardedObject as dist_checkpointing stores it (`torch.save([data])` bytes under `key`)."""
     out = {key: None}
     reader.read_data(LoadPlan([_bytes_read_item(MetadataIndex(key))]), _Into(out)).wait()
-    return torch.load(io.BytesIO(out[key]), map_location="cpu", weights_only=False)[0]
+    return _unpickle(io.BytesIO(out[key]))[0]
+
+
+def _unpickle(source):
+    """torch.load of what torch.save wrote (a zip archive); anything else is refused before it is unpickled:
+    arbitrary bytes handed to the unpickler can ask for any amount of memory and print from inside CPython."""
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:4]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise ValueError("not a torch.save archive")
+    return torch.load(source, map_location="cpu", weights_only=False)
 
 
 def read_common_state(iter_dir: str, view=None) -> dict:
     """The non-tensor state (args, iteration, optimizer groups, ...) in either layout."""
     path = os.path.join(iter_dir, COMMON_PT)
     if os.path.isfile(path):
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _unpickle(path)
     reader = view.reader if view is not None else FileSystemReader(iter_dir)
     metadata = view.metadata if view is not None else reader.read_metadata()
     if COMMON_STATE_KEY not in metadata.state_dict_metadata:
