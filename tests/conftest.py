@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,48 +25,6 @@ def run_tool(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and out.returncode != 0:
         raise AssertionError(f"{argv} failed:\n{out.stdout}\n{out.stderr}")
     return out
-
-
-def forked_cli(argv, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`megagrow ARGV` as its own process, forked from this one so that it starts with torch and megatron-core
-    already imported (a fresh interpreter spends most of a small command's time importing them). The child
-    has its own stdout/stderr files and exit code, and nothing it does reaches the test process."""
-    import megagrow.cli
-    import megagrow.checkpoint.io  # noqa: F401  (imported once here, inherited by every child)
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 70
-        try:
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)
-            sys.argv = ["megagrow", *argv]
-            os.chdir(ROOT)
-            import torch
-            torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the other helpers; no thread pool after fork
-            try:
-                code = megagrow.cli.main(list(argv))
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            os._exit(code or 0)
-    deadline = time.monotonic() + timeout
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise subprocess.TimeoutExpired(["megagrow", *argv], timeout)
-        time.sleep(0.01)
-    texts = []
-    for f in (out, err):
-        f.seek(0)
-        texts.append(f.read().decode(errors="replace"))
-        f.close()
-    return subprocess.CompletedProcess(["megagrow", *argv], os.waitstatus_to_exitcode(done[1]), *texts)
 
 
 def write_indexed(prefix, documents: int = 1000) -> None:
@@ -174,13 +131,28 @@ def ranks(nproc: int, script: str, argv: list[str], timeout: int = 300, real: bo
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         return out.returncode, out.stdout + out.stderr
-    with tempfile.NamedTemporaryFile(suffix=".log") as log:
-        result = _RankServer.request({"nproc": nproc, "script": script, "argv": list(argv), "env": dict(os.environ),
-                                      "cwd": ROOT, "port": free_port(), "log": log.name, "timeout": timeout})
-        output = open(log.name, errors="replace").read()
+    code, output, _ = _served({"nproc": nproc, "script": script, "argv": list(argv)}, timeout, merged=True)
+    return code, output
+
+
+def _served(job: dict, timeout: float, merged: bool) -> tuple[int, str, str]:
+    """Run `job` on the rank server -> (first non-zero exit code or 0, stdout, stderr); merged: one stream."""
+    with tempfile.NamedTemporaryFile(suffix=".out") as out, tempfile.NamedTemporaryFile(suffix=".err") as err:
+        result = _RankServer.request({**job, "env": dict(os.environ), "cwd": ROOT, "port": free_port(),
+                                      "log": out.name, "err": out.name if merged else err.name, "timeout": timeout})
+        texts = [open(f.name, errors="replace").read() for f in (out, err)]
     if result["timed_out"]:
-        raise subprocess.TimeoutExpired([script, *argv], timeout, output)
-    return next((code for code in result["codes"] if code != 0), 0), output
+        raise subprocess.TimeoutExpired([job.get("script") or job["module"], *job["argv"]], timeout, texts[0])
+    return next((code for code in result["codes"] if code != 0), 0), *texts
+
+
+def megagrow_cli(argv, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`megagrow ARGV` (python -m megagrow.cli) as its own process, forked from the rank server, so that it starts
+    with torch and megatron-core already imported (a fresh interpreter spends most of a small command's time
+    importing them); stdout and stderr apart."""
+    code, out, err = _served({"nproc": 1, "module": "megagrow.cli", "argv": [str(a) for a in argv]}, timeout,
+                             merged=False)
+    return subprocess.CompletedProcess(["megagrow", *argv], code, out, err)
 
 
 def pretrain_job(nproc: int, argv: list[str], metrics_file, timeout: int = 300, real: bool = False) -> Run:

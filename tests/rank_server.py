@@ -1,5 +1,5 @@
 """A process that has imported torch, megatron-core and megagrow's trainer once, and forks the ranks of a
-script (pretrain_gpt.py, tests/logits_worker.py) on request, so that a test's multi-process run starts in a
+script (pretrain_gpt.py, tests/logits_worker.py) or module (megagrow.cli) on request, so that a test's multi-process run starts in a
 fraction of a second instead of spending most of its time in `torchrun` and in N fresh interpreters importing
 the same libraries.
 
@@ -21,13 +21,13 @@ from multiprocessing.connection import Listener
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _rank(rank: int, request: dict, log_fd: int) -> None:
+def _rank(rank: int, request: dict, out_fd: int, err_fd: int) -> None:
     """In the forked child: become rank `rank` of the job and never return."""
     code = 70
     try:
         os.setpgid(0, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
         nproc = request["nproc"]
         os.environ.clear()
         os.environ.update(request["env"])
@@ -36,13 +36,18 @@ def _rank(rank: int, request: dict, log_fd: int) -> None:
                            "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(request["port"]), "OMP_NUM_THREADS": "1"})
         os.chdir(request["cwd"])
-        script = os.path.join(request["cwd"], request["script"])
-        sys.argv = [script, *request["argv"]]
-        sys.path[0] = os.path.dirname(script)
         import runpy
         import torch
         torch.set_num_threads(1)
-        runpy.run_path(script, run_name="__main__")
+        if "module" in request:  # python -m MODULE
+            sys.argv = [request["module"], *request["argv"]]
+            sys.path[0] = request["cwd"]
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.join(request["cwd"], request["script"])
+            sys.argv = [script, *request["argv"]]
+            sys.path[0] = os.path.dirname(script)
+            runpy.run_path(script, run_name="__main__")
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -69,18 +74,19 @@ def _signal_all(pids: list[int], exited: dict, sig: int) -> None:
 
 def _run(request: dict) -> dict:
     """Fork the job's ranks, wait for them (stopping all when one fails, as torchrun does) -> exit codes."""
-    log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    out_fd, err_fd = (os.open(request[k], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) for k in ("log", "err"))
     pids = []
     for rank in range(request["nproc"]):
         pid = os.fork()
         if pid == 0:
-            _rank(rank, request, log_fd)
+            _rank(rank, request, out_fd, err_fd)
         try:
             os.setpgid(pid, pid)  # as the child does: each rank leads its group, whichever runs first
         except (PermissionError, ProcessLookupError):
             pass
         pids.append(pid)
-    os.close(log_fd)
+    os.close(out_fd)
+    os.close(err_fd)
     codes: dict[int, int] = {}
     deadline = time.monotonic() + request["timeout"]
     kill_at = deadline  # after a failure: SIGTERM to the rest, SIGKILL 30 s later (torchrun's grace period)
@@ -106,6 +112,8 @@ def serve(address: str) -> None:
     import megagrow.training.pretrain  # noqa: F401  (torch, megatron-core, the trainer: what each rank needs)
     import megagrow.checkpoint.trainer  # noqa: F401
     import megagrow.model.growth_masks  # noqa: F401  (and what tests/logits_worker.py adds)
+    import megagrow.checkpoint.io  # noqa: F401  (what `megagrow checkpoint ...` reads and writes with; megagrow.cli
+    # itself is left to runpy, which runs it as __main__)
     with Listener(address, family="AF_UNIX") as listener, listener.accept() as conn:
         conn.send("ready")
         while True:

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import forked_cli, ranks, tiny_args, pretrain_job
+from conftest import megagrow_cli, ranks, tiny_args, pretrain_job
 from megagrow.checkpoint.dcp_stream import read_common_state
 
 # Vocabulary 1024 padded to a multiple of 384 x TP: 1536 at TP=2 and 4, 1152 at TP=1, so conversions re-pad.
@@ -22,7 +22,7 @@ GPT2 = {"--group-query-attention": None, "--num-query-groups": None, "--swiglu":
 
 
 def megagrow(*argv, check=True) -> subprocess.CompletedProcess:
-    out = forked_cli(argv)
+    out = megagrow_cli(argv)
     if check and out.returncode != 0:
         raise AssertionError(f"megagrow {argv} failed:\n{out.stdout}\n{out.stderr}")
     return out
