@@ -10,23 +10,24 @@ dist_checkpointing.save would, so neither side ever holds the model.
 from __future__ import annotations
 
 import argparse
-import errno
 import io
 import json
+import math
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorProperties, TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType, TensorWriteData
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megagrow.checkpoint.errors import CheckpointError
+from megagrow.checkpoint.distcp_records import DistcpFile, chunk_box, stored_placement
+from megagrow.checkpoint.placement import Placement, SourceFiles, copy_range
 from megagrow.checkpoint.dp_reshardable import DpReshardableState, is_dp_reshardable, is_flat_key, param_groups
 from megagrow.checkpoint.view import (EXTRA_STATE_MODULES, LAYER_PREFIX, RUN_STATE_KEY, CheckpointView,
                                       OptimizerCommon, Unit, run_state)
@@ -116,6 +117,7 @@ class TorchDistView(CheckpointView):
     def __init__(self, iter_dir: str):
         self.path = iter_dir
         self.reader = FileSystemReader(iter_dir)
+        self._files = SourceFiles()  # the .distcp files placements read record headers from (opened on use)
         try:
             self.metadata = self.reader.read_metadata()
             self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
@@ -169,6 +171,41 @@ class TorchDistView(CheckpointView):
 
     def read_object(self, key: str):
         return read_sharded_object(self.reader, key)
+
+    def placements(self, index: int | None) -> dict[str, Placement]:
+        """Model tensors whose chunks are plain torch.save archives, located in their .distcp files."""
+        out = {}
+        for key, md in self.tensors.items():
+            state, name = _split_key(key)
+            if state != "model" or name.startswith(LAYER_PREFIX) != (index is not None):
+                continue
+            shape, dtype = tuple(md.size[1:] if index is not None else md.size), md.properties.dtype
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            boxes = []
+            for chunk in md.chunks:
+                offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+                if index is not None and not offsets[0] <= index < offsets[0] + sizes[0]:
+                    continue
+                info = self.metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
+                if info is None or info.transform_descriptors:
+                    break
+                path = os.path.join(self.path, info.relative_path)
+                start = stored_placement(self._files, path, info.offset, info.length, dtype, math.prod(sizes))
+                if start is None:
+                    break
+                if index is not None:  # the layer's slice of a chunk stacked over layers
+                    start += (index - offsets[0]) * math.prod(sizes[1:]) * itemsize
+                    offsets, sizes = offsets[1:], sizes[1:]
+                box = chunk_box(offsets, sizes, shape, path, start, itemsize)
+                if box is None:
+                    break
+                boxes.append(box)
+            else:
+                out[name[len(LAYER_PREFIX):] if index is not None else name] = Placement(shape, dtype, tuple(boxes))
+        return out
+
+    def close(self) -> None:
+        self._files.close()
 
     def _unit(self, keys: list[str], layer: int | None, strip: str) -> Unit:
         unit: Unit = {"model": {}}
@@ -253,36 +290,45 @@ def optimizer_common_to_torch_dist(opt: OptimizerCommon) -> dict:
     return {"state": {"common_step": torch.tensor(opt.step)}, "param_groups": [dict(g) for g in opt.param_groups]}
 
 
-class _From:
-    def __init__(self, data: dict):
-        self.data = data
-
-    def resolve_data(self, item):
-        return self.data[item.index]
-
-
 def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int, with_optimizer: bool,
                      progress=None) -> None:
-    """Write `view` as a torch_dist checkpoint directory for TP=tp, PP=pp (chunks as its ranks would hold)."""
+    """Write `view` as a torch_dist checkpoint directory for TP=tp, PP=pp (chunks as its ranks would hold).
+
+    A unit whose tensors the view can place on disk (view.placements) is never read: its chunks' bytes are copied
+    from where they lie (distcp_records, placement)."""
     os.makedirs(out_dir, exist_ok=True)
-    writer = FileSystemWriter(out_dir, thread_count=WRITE_THREADS, sync_files=False)
-    writer.set_up_storage_writer(is_coordinator=True)
     states = ("model",) + (view.optimizer_states if with_optimizer else ())
     entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-    results = []
+    storage: dict = {}
     stages = pipeline_stages(args.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
                              getattr(args, "decoder_last_pipeline_num_layers", None))
     stage_of = {i: s for s, (start, n) in enumerate(stages) for i in range(start, start + n)}
+    glob_names, layer_names = (set(names) for names in expected_shapes(view.args))
+    empty_extra_state = io.BytesIO()
+    torch.save([None], empty_extra_state)
     file_seq = [0]
 
-    def write(rank: int, items: list, data: dict) -> None:
-        plan = SavePlan(items, storage_data=_StoragePrefix(f"__{rank}_{file_seq[0]}_"))
-        file_seq[0] += 1
-        results.append(writer.write_data(plan, _From(data)).value())
+    def unit_of(layer: int | None) -> Unit:
+        placed = view.placements(layer) if states == ("model",) else {}
+        if set(placed) >= (glob_names if layer is None else layer_names):
+            return {"model": placed}
+        return view.read_globals() if layer is None else view.read_layer(layer)
 
-    def emit(unit: Unit, stage: int, layer: int | None):
-        """Write a unit: one file per TP rank holding that rank's chunks (views: DCP copies one at a time)."""
-        per_rank: dict[int, tuple[list, dict]] = {}
+    def write_file(name: str, items: list) -> dict:
+        out = DistcpFile(out_dir, name, files)
+        try:
+            for index, data, shape in items:
+                if shape is None:
+                    out.raw(index, data)
+                else:
+                    out.tensor(index, data, shape)
+        finally:
+            written = out.close()
+        return written
+
+    def emit(unit: Unit, stage: int, layer: int | None) -> list:
+        """A unit's files: one per TP rank holding that rank's chunks."""
+        per_rank: dict[int, list] = {}
         for state in states:
             for name, tensor in unit.get(state, {}).items():
                 key = (name if layer is None else LAYER_PREFIX + name)
@@ -293,48 +339,60 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
                 for r, boxes in enumerate(tp_chunk_ranges(name, tensor.shape, tp, gated(args))):
                     if r > 0 and not boxes_differ(boxes, tensor.shape):
                         break  # replicated tensors are written once
-                    items, data = per_rank.setdefault(stage * tp + r, ([], {}))
                     for offsets, sizes in boxes:
-                        chunk = tensor
-                        for dim, (o, n) in enumerate(zip(offsets, sizes)):
-                            chunk = chunk.narrow(dim, o, n)
+                        chunk = _chunk(tensor, offsets, sizes)
                         if layer is not None:
-                            chunk, offsets, sizes = chunk.unsqueeze(0), (layer,) + offsets, (1,) + sizes
-                        index = MetadataIndex(key, torch.Size(offsets))
+                            offsets, sizes = (layer,) + tuple(offsets), (1,) + tuple(sizes)
                         entries[key].chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-                        items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                            chunk=entries[key].chunks[-1], properties=TensorProperties(dtype=tensor.dtype),
-                            size=torch.Size(glob_shape))))
-                        data[index] = chunk
+                        per_rank.setdefault(stage * tp + r, []).append(
+                            (MetadataIndex(key, torch.Size(offsets)), chunk, tuple(sizes)))
         if layer is not None:  # the per-layer (empty) extra states megatron-core asks for on load
-            items, data = per_rank.setdefault(stage * tp, ([], {}))
             for module in EXTRA_STATE_MODULES:
                 key = f"{LAYER_PREFIX}{module}._extra_state/shard_{layer}_{args.num_layers}"
                 entries[key] = BytesStorageMetadata()
-                buf = io.BytesIO()
-                torch.save([None], buf)
-                index = MetadataIndex(key)
-                items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
-                data[index] = buf
-        for rank, (items, data) in sorted(per_rank.items()):
-            write(rank, items, data)
+                per_rank.setdefault(stage * tp, []).append(
+                    (MetadataIndex(key), empty_extra_state.getvalue(), None))
+        names = []
+        for rank in sorted(per_rank):
+            names.append((f"__{rank}_{file_seq[0]}.distcp", per_rank[rank]))
+            file_seq[0] += 1
+        return [writers.submit(write_file, name, items) for name, items in names]
 
-    glob = view.read_globals()
-    emit(glob, 0, None)  # embedding rows are split by TP; final norm / output layer live on the last stage
-    del glob
-    # Read layer i+1 while layer i is written: two layers in memory, disk busy both ways.
-    with ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(view.read_layer, 0) if args.num_layers else None
+    # Layer i+1 is read while layer i is written (two layers in memory); each unit's files are written
+    # concurrently, their bytes copied in the kernel where they are placed.
+    with SourceFiles() as files, ThreadPoolExecutor(WRITE_THREADS) as writers, ThreadPoolExecutor(1) as reader:
+        pending = [f.result() for f in emit(unit_of(None), 0, None)]  # embedding rows split by TP; the
+        # final norm and output layer live on the last stage
+        for written in pending:
+            storage.update(written)
+        next_unit = reader.submit(unit_of, 0) if args.num_layers else None
         for i in range(args.num_layers):
-            unit = pending.result()
+            unit = next_unit.result()
             if i + 1 < args.num_layers:
-                pending = reader.submit(view.read_layer, i + 1)
-            emit(unit, stage_of[i], i)
+                next_unit = reader.submit(unit_of, i + 1)
+            for written in emit(unit, stage_of[i], i):
+                storage.update(written.result())
             del unit
             if progress:
                 progress(i + 1)
-    writer.finish(Metadata(state_dict_metadata=entries), results)
+    write_metadata(out_dir, Metadata(state_dict_metadata=entries, storage_data=storage))
     _write_common(view, out_dir, args, with_optimizer)
+
+
+def _chunk(tensor: torch.Tensor | Placement, offsets, sizes) -> torch.Tensor | Placement:
+    if isinstance(tensor, Placement):
+        return tensor.crop(offsets, sizes)
+    for dim, (o, n) in enumerate(zip(offsets, sizes)):
+        tensor = tensor.narrow(dim, o, n)
+    return tensor
+
+
+def write_metadata(out_dir: str, metadata: Metadata) -> None:
+    """`.metadata` as DCP's writer finishes it (under a temporary name, then renamed)."""
+    metadata.version = metadata.version or CURRENT_DCP_VERSION
+    with open(os.path.join(out_dir, ".metadata.tmp"), "wb") as f:
+        pickle.dump(metadata, f)
+    os.replace(os.path.join(out_dir, ".metadata.tmp"), os.path.join(out_dir, ".metadata"))
 
 
 def written_content_metadata(distributed_optimizer: bool, sharding: str = "fully_reshardable") -> dict:
@@ -426,7 +484,7 @@ def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: boo
         with open(os.path.join(view.path, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
             pos = 0
             for index, info in items:
-                _copy_range(src.fileno(), dst.fileno(), info.offset, pos, info.length)
+                copy_range(src.fileno(), dst.fileno(), info.offset, pos, info.length)
                 placed[index] = _StorageInfo(name, pos, info.length, info.transform_descriptors)
                 pos += info.length
         return placed
@@ -443,57 +501,21 @@ def copy_torch_dist(view: TorchDistView, out_dir: str, args, with_optimizer: boo
     for copied in copies:  # in file order, whatever order they finished in: the same .metadata every time
         storage.update(copied.result())
     if resized:  # re-padded vocabulary tensors, written whole into one file of their own
-        writer = FileSystemWriter(out_dir, thread_count=1, sync_files=False)
-        writer.set_up_storage_writer(is_coordinator=True)
-        items, data = [], {}
-        for key in resized:
-            t = resize_vocab_rows(view._read([key], None)[key], args.padded_vocab_size)
-            keep[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape,
-                                              [ChunkStorageMetadata(torch.Size([0] * t.dim()), t.shape)])
-            index = MetadataIndex(key, torch.Size([0] * t.dim()))
-            items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                chunk=keep[key].chunks[0], properties=keep[key].properties, size=t.shape)))
-            data[index] = t
-        for result in writer.write_data(SavePlan(items, storage_data=_StoragePrefix("__vocab_")), _From(data)).value():
-            storage[result.index] = result.storage_data
+        with SourceFiles() as files:
+            vocab = DistcpFile(out_dir, "__vocab.distcp", files)
+            for key in resized:
+                t = resize_vocab_rows(view._read([key], None)[key], args.padded_vocab_size)
+                keep[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape,
+                                                  [ChunkStorageMetadata(torch.Size([0] * t.dim()), t.shape)])
+                vocab.tensor(MetadataIndex(key, torch.Size([0] * t.dim())), t, tuple(t.shape))
+            storage.update(vocab.close())
     metadata = Metadata(state_dict_metadata=keep, storage_data=storage)
     metadata.version = md.version
-    with open(os.path.join(out_dir, ".metadata.tmp"), "wb") as f:
-        pickle.dump(metadata, f)
-    os.replace(os.path.join(out_dir, ".metadata.tmp"), os.path.join(out_dir, ".metadata"))
+    write_metadata(out_dir, metadata)
     _write_common(view, out_dir, args, with_optimizer)
 
 
-# copy_file_range refuses some pairs of filesystems (EXDEV: project space -> scratch, tmpfs...);
-# those get a streamed copy, the same bytes.
-_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
-_STREAM_BLOCK = 16 << 20
 COPY_THREADS = 4
-
-
-def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
-    while length > 0:
-        try:
-            n = os.copy_file_range(src, dst, length, src_offset, dst_offset)
-        except OSError as e:
-            if e.errno not in _NO_COPY_FILE_RANGE:
-                raise
-            return _stream_range(src, dst, src_offset, dst_offset, length)
-        if n == 0:
-            raise CheckpointError(f"shard file ended {length} bytes early")
-        src_offset, dst_offset, length = src_offset + n, dst_offset + n, length - n
-
-
-def _stream_range(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
-    while length > 0:
-        block = os.pread(src, min(length, _STREAM_BLOCK), src_offset)
-        if not block:
-            raise CheckpointError(f"shard file ended {length} bytes early")
-        view = memoryview(block)
-        while view:
-            n = os.pwrite(dst, view, dst_offset)
-            view, dst_offset = view[n:], dst_offset + n
-        src_offset, length = src_offset + len(block), length - len(block)
 
 
 def boxes_differ(boxes, shape) -> bool:

@@ -14,13 +14,15 @@ import math
 import os
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from megagrow.checkpoint.errors import CheckpointError
+from megagrow.checkpoint.placement import Placement, SourceFiles, concat
 from megagrow.checkpoint.view import CheckpointView, Unit
 from megagrow.model import hf_layout
-from megagrow.model.shape import expected_shapes
+from megagrow.model.shape import expected_shapes, zero_centered_gamma
 
 CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -78,6 +80,7 @@ class HFView(CheckpointView):
         weight_map, files = _weight_files(path)
         # Headers are read (and checked) up front; each tensor is read with its file opened for it only, so the
         # mapped pages of what was read are released at once rather than held until the end.
+        self._stored: dict[str, Placement] = {}  # safetensors tensors, where they lie
         self._shapes = {f: self._header(f) for f in files}
         self._where = weight_map or {name: files[0] for name in self._shapes[files[0]]}
         super().__init__(args=args, iteration=0, optimizer=None, extra={})
@@ -99,7 +102,9 @@ class HFView(CheckpointView):
         if isinstance(handle, dict):
             return {k: tuple(v.shape) for k, v in handle.items() if isinstance(v, torch.Tensor)}
         with handle:
-            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        self._stored.update(_safetensors_offsets(os.path.join(self.path, name)))
+        return shapes
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self._where]
@@ -128,6 +133,21 @@ class HFView(CheckpointView):
         return {"model": {n: hf_layout.to_megatron(n, [tensors[h] for h in hf_layout.hf_names(n, index)], self.args)
                           for n in layer}}
 
+    def placements(self, index: int | None) -> dict[str, Placement]:
+        """The Megatron tensors, fused by hf_layout.to_megatron applied to row numbers, over where their Hugging
+        Face parts lie in the safetensors files."""
+        glob, layer = expected_shapes(self.args)
+        out = {}
+        for name in (glob if index is None else layer):
+            parts = [self._stored.get(h) for h in hf_layout.hf_names(name, index)]
+            if None in parts or any(p.dtype != parts[0].dtype for p in parts):
+                continue
+            starts = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
+            rows = [torch.arange(start, start + p.shape[0]) for start, p in zip(starts, parts)]
+            out[name] = concat(parts).take_rows(
+                hf_layout.to_megatron(name, rows, self.args).tolist() if index is not None else rows[0].tolist())
+        return out
+
     def problems(self) -> list[str]:
         """Tensors the config implies that are missing or of another shape (read from headers only)."""
         wanted = {name: shape for name, shape, _ in hf_tensor_shapes(self.args)}
@@ -140,6 +160,21 @@ class HFView(CheckpointView):
                 problems.append(f"{self.path}: {name} has shape {list(stored)}, config.json implies {list(shape)}")
         return problems
 
+
+
+_STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _safetensors_offsets(path: str) -> dict[str, Placement]:
+    """Where each tensor of a safetensors file lies (its header: a length, then JSON with offsets from the data
+    start)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {name: Placement.stored(path, 8 + n + entry["data_offsets"][0], entry["shape"],
+                                   _STORED_DTYPES[entry["dtype"]])
+            for name, entry in header.items() if name != "__metadata__" and entry.get("dtype") in _STORED_DTYPES
+            and entry.get("shape")}
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -172,43 +207,63 @@ def _plan_shards(entries, dtype: torch.dtype, max_bytes: int) -> list[list[tuple
 
 
 class _ShardWriter:
-    """Writes planned safetensors shards in order: a shard's header first (its shapes are known), then its
-    tensors as they come."""
+    """Planned safetensors shards, each header written first (the shapes are known), then each tensor at its place
+    as it comes, from any thread (placed ones copied from where they lie)."""
 
-    def __init__(self, out_dir: str, shards, dtype: torch.dtype):
-        self.out_dir, self.shards, self.dtype, self.size = out_dir, shards, dtype, torch.empty((), dtype=dtype).element_size()
-        self.names = [self.file_name(i) for i in range(len(shards))]
-        self.shard, self.position, self.f = -1, 0, None
+    def __init__(self, out_dir: str, shards, dtype: torch.dtype, files: SourceFiles):
+        self.dtype, self.files, self.size = dtype, files, torch.empty((), dtype=dtype).element_size()
+        self.names = [SAFETENSORS if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                      for i in range(len(shards))]
+        self.fds, self.where = [], {}  # {name: (fd, offset, shape)}
+        for file_name, shard in zip(self.names, shards):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, shape in shard:
+                n = math.prod(shape) * self.size
+                header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+                offset += n
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)  # safetensors aligns the data start to 8 bytes
+            head = struct.pack("<Q", len(text)) + text
+            self.fds.append(os.open(os.path.join(out_dir, file_name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            files.write(self.fds[-1], torch.frombuffer(bytearray(head), dtype=torch.uint8), 0)
+            self.where.update({name: (self.fds[-1], len(head) + header[name]["data_offsets"][0], tuple(shape))
+                               for name, shape in shard})
+        self.weight_map = {name: file_name for file_name, shard in zip(self.names, shards) for name, _ in shard}
 
-    def file_name(self, i: int) -> str:
-        return SAFETENSORS if len(self.shards) == 1 else f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+    def write(self, name: str, data: torch.Tensor | Placement) -> None:
+        fd, offset, shape = self.where[name]
+        assert tuple(data.shape) == shape, (name, data.shape, shape)
+        if isinstance(data, Placement):
+            data.copy_to(fd, offset, self.files)
+        else:
+            self.files.write(fd, data.to(self.dtype), offset)
 
-    def _next(self) -> None:
-        if self.f:
-            self.f.close()
-        self.shard, self.position = self.shard + 1, 0
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in self.shards[self.shard]:
-            n = math.prod(shape) * self.size
-            header[name] = {"dtype": _DTYPES[self.dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # safetensors aligns the data start to 8 bytes
-        self.f = open(os.path.join(self.out_dir, self.names[self.shard]), "wb")
-        self.f.write(struct.pack("<Q", len(text)) + text)
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self.f is None or self.position == len(self.shards[self.shard]):
-            self._next()
-        expected_name, shape = self.shards[self.shard][self.position]
-        assert name == expected_name and tuple(tensor.shape) == shape, (name, expected_name, tensor.shape, shape)
-        self.f.write(tensor.to(self.dtype).contiguous().view(torch.uint8).numpy())  # no copy: the buffer
-        self.position += 1
 
-    def close(self) -> dict[str, str]:
-        if self.f:
-            self.f.close()
-        return {name: self.names[i] for i, shard in enumerate(self.shards) for name, _ in shard}
+def _wait(jobs: list) -> None:
+    for job in jobs:
+        job.result()
+
+
+def _model_unit(view: CheckpointView, index: int | None) -> dict:
+    """A unit's model tensors: placed where the view can say where all of them lie in one dtype (and Hugging Face
+    stores them unchanged), else read."""
+    names = expected_shapes(view.args)[0 if index is None else 1]
+    placed = view.placements(index)
+    if set(placed) >= set(names) and len({p.dtype for p in placed.values()}) == 1 and \
+            not zero_centered_gamma(view.args):
+        return placed
+    return (view.read_globals() if index is None else view.read_layer(index))["model"]
+
+
+def _to_hf(name: str, data: torch.Tensor | Placement, args) -> list:
+    if isinstance(data, Placement):  # the layout applied to row numbers
+        return [data.take_rows(rows.tolist()) for rows in hf_layout.to_hf(name, torch.arange(data.shape[0]), args)]
+    return hf_layout.to_hf(name, data, args)
 
 
 def write_hf(view: CheckpointView, out_dir: str, family: str | None, max_shard_bytes: int, progress=None) -> dict:
@@ -216,29 +271,38 @@ def write_hf(view: CheckpointView, out_dir: str, family: str | None, max_shard_b
     args = view.args
     config = hf_layout.hf_config(args, family)
     vocab = config["vocab_size"]
-    glob = view.read_globals()["model"]
+    glob = _model_unit(view, None)
     dtype = glob["embedding.word_embeddings.weight"].dtype
     config["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
     entries = [(n, (vocab,) + s[1:] if n in ("model.embed_tokens.weight", "lm_head.weight") else s, i)
                for n, s, i in hf_tensor_shapes(args)]
-    writer = _ShardWriter(out_dir, _plan_shards(entries, dtype, max_shard_bytes), dtype)
-    for name, tensor in glob.items():
-        tensor = tensor[:vocab] if name in ("embedding.word_embeddings.weight", "output_layer.weight") else tensor
-        writer.write(hf_layout.GLOBALS[name], hf_layout.norm_to_hf(name, tensor, args))
-    del glob
-    _, layer_names = expected_shapes(args)
-    for i in range(args.num_layers):
-        unit = view.read_layer(i)["model"]
-        for name in layer_names:
-            for hf_name, part in zip(hf_layout.hf_names(name, i), hf_layout.to_hf(name, unit[name], args)):
-                writer.write(hf_name, hf_layout.norm_to_hf(name, part, args))
-        if progress:
-            progress(i + 1)
-    weight_map = writer.close()
+    shards = _plan_shards(entries, dtype, max_shard_bytes)
+    # A unit's tensors are written by two threads at once (their places are planned): one rarely keeps the disk busy.
+    with SourceFiles() as files, ThreadPoolExecutor(2) as pool:
+        writer = _ShardWriter(out_dir, shards, dtype, files)
+        try:
+            jobs = []
+            for name, tensor in glob.items():
+                if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                    tensor = tensor.take_rows(range(vocab)) if isinstance(tensor, Placement) else tensor[:vocab]
+                jobs.append(pool.submit(writer.write, hf_layout.GLOBALS[name],
+                                        hf_layout.norm_to_hf(name, tensor, args)))
+            _wait(jobs)
+            del glob
+            _, layer_names = expected_shapes(args)
+            for i in range(args.num_layers):
+                unit = _model_unit(view, i)
+                _wait([pool.submit(writer.write, hf_name, hf_layout.norm_to_hf(name, part, args))
+                       for name in layer_names
+                       for hf_name, part in zip(hf_layout.hf_names(name, i), _to_hf(name, unit[name], args))])
+                if progress:
+                    progress(i + 1)
+        finally:
+            writer.close()
     total = sum(math.prod(s) for _, s, _ in entries) * torch.empty((), dtype=dtype).element_size()
-    if len(writer.shards) > 1:
+    if len(shards) > 1:
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": {"total_size": total}, "weight_map": writer.weight_map}, f, indent=2)
     with open(os.path.join(out_dir, CONFIG), "w") as f:
         json.dump(config, f, indent=2)
     return config

@@ -103,6 +103,10 @@ class VocabResized(DerivedView):
                     tensors[name] = resize_vocab_rows(tensors[name], self.rows)
         return unit
 
+    def placements(self, index: int | None) -> dict:
+        placed = self.inner.placements(index)
+        return {name: p for name, p in placed.items() if name not in dcp_stream.VOCAB_TENSORS or p.shape[0] == self.rows}
+
 
 def target_args(args, tp: int, pp: int, fmt: str, vpp: int | None = None):
     """The source's args as the target's: its parallelism (`vpp` model chunks per pipeline rank; default the

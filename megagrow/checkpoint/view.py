@@ -81,6 +81,11 @@ class CheckpointView:
     def read_layer(self, index: int) -> Unit:
         raise NotImplementedError
 
+    def placements(self, index: int | None) -> dict:
+        """Where the model tensors of layer `index` (None: the globals) lie on disk, as placement.Placement by
+        name, for those a view can say (writers then copy bytes instead of reading tensors)."""
+        return {}
+
     def problems(self) -> list[str]:
         """What makes the stored checkpoint incomplete or inconsistent (a reader checks its own files)."""
         return []
