@@ -8,7 +8,7 @@ the streaming writer (every tensor read, re-split and re-serialised) instead. Sp
 seconds over the convert's (the same bytes); memory is peak RSS over the checkpoint's bytes.
 The last line of output is one JSON object.
 
-  python bench/checkpoint_convert.py [--workdir DIR] [--rounds 3] [--rechunk] [--with-optimizer]
+  python bench/checkpoint_convert.py [--workdir DIR] [--rounds 5] [--rechunk] [--with-optimizer]
 """
 
 from __future__ import annotations

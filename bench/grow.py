@@ -6,7 +6,7 @@ the copies' seconds over the grow's; memory is the grow's peak RSS over the sour
 small model). By default stacking copies stored chunks under their new layer indices; --rechunk
 measures the streaming path every operator can take. The last line of output is one JSON object.
 
-  python bench/grow.py [--workdir DIR] [--rounds 3] [--rechunk] [--with-optimizer]
+  python bench/grow.py [--workdir DIR] [--rounds 5] [--rechunk] [--with-optimizer]
 """
 
 from __future__ import annotations

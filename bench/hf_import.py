@@ -1,13 +1,13 @@
 """Benchmark: import a >= 1B-parameter Llama-shaped Hugging Face model to TP=2 PP=2 and export it back.
 
 Builds the source (TinyLlama-1.1B's shape by default, random weights, sharded safetensors written by megagrow's
-exporter), then alternates, in the same run on the same files, a plain copy of the model directory
+exporter), then alternates, in the same run on the same files (5 rounds), a plain copy of the model directory
 (shutil.copytree: the same bytes) with `megagrow checkpoint convert --load HF --target-tp 2 --target-pp 2` (import,
 to torch_dist) and with `megagrow checkpoint export` of that import (export), each in a child process whose
-resident memory is sampled. Speed is the copy's seconds over the tool's; memory is the tool's peak RSS over the
-model's bytes. The last line of output is one JSON object.
+resident memory is sampled. Speed is the copy's seconds over the tool's (the median of the rounds' ratios); memory
+is the tool's peak RSS over the model's bytes. The last line of output is one JSON object.
 
-  python bench/hf_import.py [--workdir DIR] [--rounds 3]
+  python bench/hf_import.py [--workdir DIR] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import shutil
 import sys
 import tempfile
 import time
+
+import torch
 
 from _common import RandomView, against_copy, run_sampling_rss
 
@@ -40,7 +42,9 @@ def build_hf(a, path: str) -> tuple[int, int]:
     t0 = time.time()
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
-    write_hf(RandomView(args, iteration=0), path, "llama", 2 * 10**9)
+    view = RandomView(args, iteration=0)
+    view.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    write_hf(view, path, "llama", 5 * 10**9)  # transformers' default shard size
     size = directory_bytes(path)
     print(f"built {size / 1e9:.2f} GB in {time.time() - t0:.1f} s", flush=True)
     return n, size
@@ -49,12 +53,13 @@ def build_hf(a, path: str) -> tuple[int, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=None, help="where the models go (default: a temporary directory)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--num-layers", type=int, default=22)
-    p.add_argument("--hidden-size", type=int, default=2048)
-    p.add_argument("--ffn-hidden-size", type=int, default=5632)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--num-layers", type=int, default=32)
+    p.add_argument("--hidden-size", type=int, default=4096)
+    p.add_argument("--ffn-hidden-size", type=int, default=11008)
     p.add_argument("--num-attention-heads", type=int, default=32)
-    p.add_argument("--num-query-groups", type=int, default=4)
+    p.add_argument("--num-query-groups", type=int, default=32)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     a = p.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="megagrow-bench-")
     os.makedirs(work, exist_ok=True)

@@ -16,8 +16,10 @@ import math
 import os
 import pickle
 import struct
+import threading
 import zipfile
 
+import numpy
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
@@ -33,7 +35,6 @@ class _Recorder:
 
     def write(self, data) -> int:
         view = memoryview(data)
-        import numpy
         if view.nbytes == self.nbytes and numpy.frombuffer(view, numpy.uint8).ctypes.data == self.address:
             self.seen = True
         else:
@@ -44,17 +45,21 @@ class _Recorder:
         pass
 
 
+_CRC_OPTION = threading.Lock()
+
+
 @functools.lru_cache(maxsize=256)
 def archive_template(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[bytes, bytes]:
     """(prefix, suffix) of torch.save's archive of a contiguous tensor of this shape and dtype."""
     tensor = torch.empty(shape, dtype=dtype)
     recorder = _Recorder(tensor)
-    crc = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        torch.save(tensor, recorder)
-    finally:
-        torch.serialization.set_crc32_options(crc)
+    with _CRC_OPTION:  # a process-wide setting: one template at a time
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(tensor, recorder)
+        finally:
+            torch.serialization.set_crc32_options(crc)
     if not recorder.seen:
         raise RuntimeError(f"torch.save wrote a {tuple(shape)} tensor's data in pieces: cannot template it")
     return bytes(recorder.prefix), bytes(recorder.suffix)

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -29,6 +30,7 @@ SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.j
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+EXPORT_THREADS = 2
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -277,28 +279,37 @@ def write_hf(view: CheckpointView, out_dir: str, family: str | None, max_shard_b
     entries = [(n, (vocab,) + s[1:] if n in ("model.embed_tokens.weight", "lm_head.weight") else s, i)
                for n, s, i in hf_tensor_shapes(args)]
     shards = _plan_shards(entries, dtype, max_shard_bytes)
-    # A unit's tensors are written by two threads at once (their places are planned): one rarely keeps the disk busy.
-    with SourceFiles() as files, ThreadPoolExecutor(2) as pool:
+    shard_of = {name: i for i, shard in enumerate(shards) for name, _ in shard}
+    _, layer_names = expected_shapes(args)
+    reading, done = threading.Lock(), [0]
+
+    def write_unit(writer: _ShardWriter, index: int | None) -> None:
+        with reading:  # a view is read by one thread at a time
+            unit = glob if index is None else _model_unit(view, index)
+        for name, tensor in unit.items():
+            if index is None and name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                tensor = tensor.take_rows(range(vocab)) if isinstance(tensor, Placement) else tensor[:vocab]
+            for hf_name, part in zip(hf_layout.hf_names(name, index), _to_hf(name, tensor, args)):
+                writer.write(hf_name, hf_layout.norm_to_hf(name, part, args))
+        if index is not None and progress:
+            with reading:
+                done[0] += 1
+                progress(done[0])
+
+    # Units go to the threads by the shard file they fill (two threads writing one file only contend for it).
+    groups: dict[int, list] = {}
+    for index in [None] + list(range(args.num_layers)):
+        first = hf_layout.GLOBALS["embedding.word_embeddings.weight"] if index is None else \
+            hf_layout.hf_names(next(iter(layer_names)), index)[0]
+        groups.setdefault(shard_of[first], []).append(index)
+    with SourceFiles() as files, ThreadPoolExecutor(EXPORT_THREADS) as pool:
         writer = _ShardWriter(out_dir, shards, dtype, files)
         try:
-            jobs = []
-            for name, tensor in glob.items():
-                if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                    tensor = tensor.take_rows(range(vocab)) if isinstance(tensor, Placement) else tensor[:vocab]
-                jobs.append(pool.submit(writer.write, hf_layout.GLOBALS[name],
-                                        hf_layout.norm_to_hf(name, tensor, args)))
-            _wait(jobs)
-            del glob
-            _, layer_names = expected_shapes(args)
-            for i in range(args.num_layers):
-                unit = _model_unit(view, i)
-                _wait([pool.submit(writer.write, hf_name, hf_layout.norm_to_hf(name, part, args))
-                       for name in layer_names
-                       for hf_name, part in zip(hf_layout.hf_names(name, i), _to_hf(name, unit[name], args))])
-                if progress:
-                    progress(i + 1)
+            _wait([pool.submit(lambda units: [write_unit(writer, i) for i in units], units)
+                   for units in groups.values()])
         finally:
             writer.close()
+    del glob
     total = sum(math.prod(s) for _, s, _ in entries) * torch.empty((), dtype=dtype).element_size()
     if len(shards) > 1:
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
