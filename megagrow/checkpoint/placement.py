@@ -187,48 +187,24 @@ class SourceFiles:
         return buffers[name]
 
     def read(self, path: str, offset: int, length: int) -> torch.Tensor:
+        """`length` bytes of `path` from `offset`, in this thread's input buffer."""
         buf = self.buffer("in", length)[:length]
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < length:
-            n = os.preadv(self.fd(path), [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(f"{path}: ends {length - done} bytes before a tensor does")
-            done += n
+        self.read_into(path, offset, [memoryview(buf.numpy())])
         return buf
 
     def read_into(self, path: str, offset: int, places: list[memoryview]) -> None:
         """Consecutive bytes of `path` from `offset` into `places`, in order."""
-        fd = self.fd(path)
-        while places:
-            n = os.preadv(fd, places, offset)
-            if n == 0:
-                raise CheckpointError(f"{path}: ends before a tensor does")
-            offset += n
-            while places and n >= places[0].nbytes:
-                n -= places[0].nbytes
-                places = places[1:]
-            if places and n:
-                places[0] = places[0][n:]
+        _all_of(os.preadv, self.fd(path), places, offset, f"{path}: ends before a tensor does")
 
     @staticmethod
     def write_rows(fd: int, rows: list[memoryview], offset: int) -> None:
         """`rows`, one after another, at `offset`."""
-        while rows:
-            n = os.pwritev(fd, rows, offset)
-            offset += n
-            while rows and n >= rows[0].nbytes:
-                n -= rows[0].nbytes
-                rows = rows[1:]
-            if rows and n:
-                rows[0] = rows[0][n:]
+        _all_of(os.pwritev, fd, rows, offset, "a write wrote nothing")
 
     @staticmethod
     def write(fd: int, data: torch.Tensor, offset: int) -> None:
-        view = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        _all_of(os.pwritev, fd, [memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())], offset,
+                "a write wrote nothing")
 
     def copy_range(self, path: str, src_offset: int, fd: int, dst_offset: int, length: int) -> None:
         copy_range(self.fd(path), fd, src_offset, dst_offset, length)
@@ -244,6 +220,21 @@ class SourceFiles:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _all_of(call, fd: int, buffers: list[memoryview], offset: int, stopped: str) -> None:
+    """preadv/pwritev until every buffer is done (the kernel may do part of them)."""
+    first = 0
+    while first < len(buffers):
+        n = call(fd, buffers[first:first + IOV_MAX], offset)
+        if n == 0:
+            raise CheckpointError(stopped)
+        offset += n
+        while first < len(buffers) and n >= buffers[first].nbytes:
+            n -= buffers[first].nbytes
+            first += 1
+        if n:
+            buffers[first] = buffers[first][n:]
 
 
 # copy_file_range refuses some pairs of filesystems (EXDEV: project space -> scratch, tmpfs...);
