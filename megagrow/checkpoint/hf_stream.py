@@ -309,7 +309,6 @@ def write_hf(view: CheckpointView, out_dir: str, family: str | None, max_shard_b
                    for units in groups.values()])
         finally:
             writer.close()
-    del glob
     total = sum(math.prod(s) for _, s, _ in entries) * torch.empty((), dtype=dtype).element_size()
     if len(shards) > 1:
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
