@@ -180,7 +180,7 @@ class TorchDistView(CheckpointView):
             if state != "model" or name.startswith(LAYER_PREFIX) != (index is not None):
                 continue
             shape, dtype = tuple(md.size[1:] if index is not None else md.size), md.properties.dtype
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             boxes = []
             for chunk in md.chunks:
                 offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
@@ -361,10 +361,9 @@ def write_torch_dist(view: CheckpointView, out_dir: str, args, tp: int, pp: int,
     # Layer i+1 is read while layer i is written (two layers in memory); each unit's files are written
     # concurrently, their bytes copied in the kernel where they are placed.
     with SourceFiles() as files, ThreadPoolExecutor(WRITE_THREADS) as writers, ThreadPoolExecutor(1) as reader:
-        pending = [f.result() for f in emit(unit_of(None), 0, None)]  # embedding rows split by TP; the
-        # final norm and output layer live on the last stage
-        for written in pending:
-            storage.update(written)
+        # embedding rows are split by TP; the final norm and output layer live on the last stage
+        for written in emit(unit_of(None), 0, None):
+            storage.update(written.result())
         next_unit = reader.submit(unit_of, 0) if args.num_layers else None
         for i in range(args.num_layers):
             unit = next_unit.result()

@@ -73,10 +73,8 @@ class DistcpFile:
         self.fd = os.open(os.path.join(out_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
     def _put(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, self.pos)
-            view, self.pos = view[n:], self.pos + n
+        self.files.write_rows(self.fd, [memoryview(data)], self.pos)
+        self.pos += len(data)
 
     def tensor(self, index, data: torch.Tensor | Placement, shape: tuple[int, ...]) -> None:
         """Append a tensor stored as `shape` (its chunk's, a layer's with the leading 1)."""
@@ -176,7 +174,7 @@ def stored_placement(files: SourceFiles, path: str, offset: int, length: int, dt
     except Exception:  # not an archive, another kind of object, a pickle cut off: not placeable
         return None
     contiguous = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if (f"data/{key}" not in records or math.prod(shape) != numel or
             any(st != c for st, c, n in zip(stride, contiguous, shape) if n > 1) or
             records[f"data/{key}"][1] != elements * itemsize or storage_offset + numel > elements):

@@ -164,7 +164,7 @@ class HFView(CheckpointView):
 
 
 
-_STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_STORED_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def _safetensors_offsets(path: str) -> dict[str, Placement]:
@@ -227,7 +227,7 @@ class _ShardWriter:
             text += b" " * (-len(text) % 8)  # safetensors aligns the data start to 8 bytes
             head = struct.pack("<Q", len(text)) + text
             self.fds.append(os.open(os.path.join(out_dir, file_name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
-            files.write(self.fds[-1], torch.frombuffer(bytearray(head), dtype=torch.uint8), 0)
+            files.write_rows(self.fds[-1], [memoryview(head)], 0)
             self.where.update({name: (self.fds[-1], len(head) + header[name]["data_offsets"][0], tuple(shape))
                                for name, shape in shard})
         self.weight_map = {name: file_name for file_name, shard in zip(self.names, shards) for name, _ in shard}

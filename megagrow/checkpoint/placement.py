@@ -48,12 +48,11 @@ class Placement:
         """A tensor stored whole and row-major at `offset` of `path`."""
         shape = tuple(shape)
         width = math.prod(shape[1:]) if len(shape) > 1 else 1
-        size = torch.empty((), dtype=dtype).element_size()
-        return cls(shape, dtype, (Box(0, shape[0] if shape else 1, 0, width, path, offset, width * size),))
+        return cls(shape, dtype, (Box(0, shape[0] if shape else 1, 0, width, path, offset, width * dtype.itemsize),))
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def width(self) -> int:
